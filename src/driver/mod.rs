@@ -1,0 +1,12 @@
+//! The CSI protocol layer: the Identity, Controller and Node services.
+//!
+//! Handlers validate requests, call into [`crate::lunanode`] (controller) or
+//! [`crate::volumes`] (node), and return [`error::Error`], which is mapped to a gRPC status
+//! in exactly one place ([`error`]). Every RPC goes through [`observe::rpc`], which logs it.
+
+pub mod error;
+pub mod identity;
+pub mod observe;
+
+pub use error::Error;
+pub use identity::IdentityService;

@@ -1,0 +1,69 @@
+//! The node's operating-system work on volumes: find the attached disk, probe it, format it
+//! only when provably blank, mount, bind-mount, report stats and grow filesystems.
+//!
+//! Nothing here knows about CSI or the cloud; the node service in [`crate::driver`] composes
+//! these operations.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What can go wrong while working on a node's disks and mounts.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The by-id link for the volume never appeared.
+    #[error(
+        "device {} for volume serial {serial} did not appear within {waited:?}; check that the volume is attached to this node",
+        path.display()
+    )]
+    DeviceNotFound {
+        serial: String,
+        path: PathBuf,
+        waited: Duration,
+    },
+    /// The device found is not the volume we were asked for; it is left untouched.
+    #[error("device {} does not match the volume: {reason}; refusing to use it", device.display())]
+    DeviceMismatch { device: PathBuf, reason: String },
+    /// The device holds a filesystem of another type; it is never reformatted.
+    #[error(
+        "device {} already holds a {found} filesystem but {wanted} was requested; it will not be reformatted (use fsType {found} or a new volume)",
+        device.display()
+    )]
+    ForeignFilesystem {
+        device: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    /// The probe did not positively report a blank device, so it is not formatted.
+    #[error("device {} is not provably blank ({what}); refusing to format it", device.display())]
+    NotBlank { device: PathBuf, what: String },
+    /// The target is already mounted from something else.
+    #[error(
+        "{} is already mounted from {existing}, not {wanted}; unpublish or unstage it first",
+        target.display()
+    )]
+    MountConflict {
+        target: PathBuf,
+        existing: String,
+        wanted: String,
+    },
+    /// The mount is in use; retry later rather than forcing it.
+    #[error("{} is busy ({reason}); retry once the workload has released it", path.display())]
+    Busy { path: PathBuf, reason: String },
+    /// The path is not a mount point (e.g. the volume is not staged here).
+    #[error("{} is not mounted", path.display())]
+    NotMounted { path: PathBuf },
+    /// An external program (mkfs, blkid, resize2fs, xfs_growfs) failed.
+    #[error("{program} failed ({status}): {stderr}")]
+    Command {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
