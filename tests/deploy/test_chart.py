@@ -1,0 +1,928 @@
+"""Checks of the Helm chart, the plain manifests, the Dockerfile and the examples.
+
+The chart is rendered and linted by Helm's own engine (PyPI helm-python-sdk,
+which embeds the Helm Go SDK) and every rendered object is validated against
+the Kubernetes OpenAPI schemas (PyPI kubernetes-validate). No cluster is used.
+Run with `bash tests/deploy/run.sh`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import posixpath
+import re
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import kubernetes_validate.utils as kv_utils
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "deploy" / "helm" / "lunanode-csi"
+PLAIN_MANIFESTS = REPO / "deploy" / "kubernetes" / "lunanode-csi.yaml"
+EXAMPLES_DIR = REPO / "examples"
+
+RELEASE = "lunanode-csi"
+NAMESPACE = "kube-system"
+
+# Fixed by the driver binary.
+DRIVER_NAME = "csi.lunanode.com"
+TOPOLOGY_KEY = "topology.csi.lunanode.com/region"
+SOCKET = "/csi/csi.sock"
+
+# Kubernetes versions whose OpenAPI schemas every rendered object must pass:
+# an older still-common release and the newest the pinned kubernetes-validate
+# ships.
+K8S_VERSIONS = ("1.31", "1.37")
+
+# Custom resources: not in the core schemas, checked structurally below.
+CRD_KINDS = {
+    "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
+    "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+}
+
+BUILD_COMMAND = "cargo build --release --locked"
+
+UPSTREAM_IMAGES = {
+    "csiProvisioner": ("registry.k8s.io/sig-storage/csi-provisioner", "v5.3.0"),
+    "csiAttacher": ("registry.k8s.io/sig-storage/csi-attacher", "v4.9.0"),
+    "csiResizer": ("registry.k8s.io/sig-storage/csi-resizer", "v1.14.0"),
+    "csiSnapshotter": ("registry.k8s.io/sig-storage/csi-snapshotter", "v8.3.0"),
+    "livenessProbe": ("registry.k8s.io/sig-storage/livenessprobe", "v2.16.0"),
+    "nodeDriverRegistrar": ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2.14.0"),
+}
+
+# The driver's `serve` flags; the chart must not pass anything else.
+DRIVER_FLAGS = {
+    "--endpoint", "--mode", "--api-id-file", "--api-key-file", "--api-url",
+    "--default-region", "--region", "--node-id", "--by-id-dir",
+    "--max-volumes-per-node", "--log-format", "--log-level", "--metrics-addr",
+    "--qps", "--burst",
+}
+
+# What each sidecar needs from the Kubernetes API: (apiGroup, resource) -> verbs.
+# After the upstream RBAC of each kubernetes-csi sidecar, reduced to what this
+# driver uses (no secrets, no capacity tracking, no group snapshots).
+NEEDED_RULES = {
+    "csi-provisioner": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "create", "delete"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+        ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+        ("", "events"): {"create", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+        # Topology=true: the provisioner reads node topology from CSINodes/Nodes.
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        # attachRequired: no delete while the volume is still attached.
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+    },
+    "csi-attacher": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "volumeattachments/status"): {"patch"},
+    },
+    "csi-resizer": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch"},
+        ("", "persistentvolumeclaims/status"): {"patch"},
+        # --handle-volume-inuse-error: offline expansion waits for pods to go.
+        ("", "pods"): {"list", "watch"},
+        ("", "events"): {"create", "patch"},
+    },
+    "csi-snapshotter": {
+        ("", "events"): {"create", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+    },
+}
+# Leader election, needed in the lease namespace by every sidecar that elects.
+LEASE_RULE = {("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "delete"}}
+LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter")
+
+CUSTOM_VALUES = {
+    "credentials": {"existingSecret": "my-lunanode-api"},
+    "apiUrl": "https://dynamic.lunanode.com/api",
+    "defaultRegion": "montreal",
+    "image": {
+        "driver": {"repository": "registry.example.com/storage/lunanode-csi", "tag": "dev-1234",
+                   "pullPolicy": "Always"},
+        "csiProvisioner": {"repository": "mirror.example.com/csi-provisioner", "tag": "v5.3.0-mirror"},
+        "csiAttacher": {"repository": "mirror.example.com/csi-attacher", "tag": "v4.9.0-mirror"},
+        "csiResizer": {"repository": "mirror.example.com/csi-resizer", "tag": "v1.14.0-mirror"},
+        "csiSnapshotter": {"repository": "mirror.example.com/csi-snapshotter", "tag": "v8.3.0-mirror"},
+        "livenessProbe": {"repository": "mirror.example.com/livenessprobe", "tag": "v2.16.0-mirror"},
+        "nodeDriverRegistrar": {"repository": "mirror.example.com/csi-node-driver-registrar",
+                                "tag": "v2.14.0-mirror"},
+    },
+    "imagePullSecrets": ["mirror-pull"],
+    "controller": {"replicas": 1, "qps": 5, "burst": 10, "logFormat": "text", "logLevel": "debug",
+                   "podDisruptionBudget": {"enabled": False}},
+    "node": {"region": "montreal", "maxVolumesPerNode": 8, "byIdDir": "/dev/disk/by-id",
+             "hostNetwork": True, "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet"},
+    "storageClasses": [
+        {"name": "lunanode-ext4", "default": True, "fsType": "ext4"},
+        {"name": "lunanode-montreal-xfs", "fsType": "xfs", "region": "montreal",
+         "allowedRegions": ["montreal"], "reclaimPolicy": "Retain",
+         "mountOptions": ["noatime"]},
+    ],
+    "volumeSnapshotClass": {"name": "lunanode-retain", "default": False, "deletionPolicy": "Retain"},
+    "metrics": {"enabled": True, "port": 9808,
+                "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+}
+
+SCENARIOS = {"default": {}, "custom": CUSTOM_VALUES}
+
+
+# --------------------------------------------------------------------------- helpers
+
+class Rendered:
+    """One render of the chart: the objects and NOTES.txt."""
+
+    def __init__(self, values: dict, manifests: dict[str, str]):
+        self.values = values
+        self.notes = ""
+        self.objects: list[dict] = []
+        for path in sorted(manifests):
+            if path.endswith("NOTES.txt"):
+                self.notes = manifests[path]
+                continue
+            for doc in yaml.safe_load_all(manifests[path]):
+                if doc:
+                    self.objects.append(doc)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict:
+        found = [o for o in self.of_kind(kind) if name is None or o["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+        return found[0]
+
+    @property
+    def controller(self) -> dict:
+        return self.one("Deployment")
+
+    @property
+    def node(self) -> dict:
+        return self.one("DaemonSet")
+
+
+def render(values: dict | None = None) -> Rendered:
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        return Rendered(values or {}, chart.render(copy.deepcopy(values or {}), name=RELEASE,
+                                                   namespace=NAMESPACE))
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def container(workload: dict, name: str) -> dict:
+    found = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
+    assert len(found) == 1, f"no container {name} in {workload['metadata']['name']}"
+    return found[0]
+
+
+def flags(c: dict) -> dict[str, str | None]:
+    """A container's --flag=value / --flag value / --flag arguments as a dict."""
+    args = list(c.get("command", [])[1:]) + list(c.get("args", []))
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+                out[key] = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+                out[arg] = args[i + 1]
+                i += 1
+            else:
+                out[arg] = None
+        i += 1
+    return out
+
+
+def mount_at(workload: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """The volumeMount of container c at path and the pod volume behind it."""
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == path]
+    assert len(mounts) == 1, f"{c['name']} has no mount at {path}"
+    volumes = [v for v in pod_spec(workload)["volumes"] if v["name"] == mounts[0]["name"]]
+    assert len(volumes) == 1
+    return mounts[0], volumes[0]
+
+
+def rules_for_service_account(r: Rendered, sa: str, namespace: str) -> list[tuple[str | None, dict]]:
+    """(namespace or None for cluster-wide, rule) for every rule bound to the ServiceAccount."""
+    def bound(binding):
+        return any(s["kind"] == "ServiceAccount" and s["name"] == sa and s.get("namespace") == namespace
+                   for s in binding.get("subjects", []))
+
+    out = []
+    for binding in r.of_kind("ClusterRoleBinding"):
+        if bound(binding):
+            assert binding["roleRef"]["kind"] == "ClusterRole"
+            role = r.one("ClusterRole", binding["roleRef"]["name"])
+            out += [(None, rule) for rule in role["rules"]]
+    for binding in r.of_kind("RoleBinding"):
+        if bound(binding):
+            ns = binding["metadata"]["namespace"]
+            ref = binding["roleRef"]
+            if ref["kind"] == "Role":
+                role = [o for o in r.of_kind("Role")
+                        if o["metadata"]["name"] == ref["name"] and o["metadata"]["namespace"] == ns]
+                assert len(role) == 1, f"RoleBinding {binding['metadata']['name']} points at a missing Role"
+                out += [(ns, rule) for rule in role[0]["rules"]]
+            else:
+                out += [(ns, rule) for rule in r.one("ClusterRole", ref["name"])["rules"]]
+    return out
+
+
+def allowed(rules: list[tuple[str | None, dict]], group: str, resource: str, verb: str,
+            namespace: str | None = None) -> bool:
+    """Whether the rules allow verb on group/resource (in namespace, or cluster-wide if None)."""
+    for ns, rule in rules:
+        if ns is not None and ns != namespace:
+            continue
+        if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) and \
+           (resource in rule.get("resources", []) or "*" in rule.get("resources", [])) and \
+           (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+            return True
+    return False
+
+
+def load_render_module():
+    spec = importlib.util.spec_from_file_location("deploy_render", REPO / "deploy" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def example_objects() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", params=list(SCENARIOS))
+def rendered(request) -> Rendered:
+    return render(SCENARIOS[request.param])
+
+
+@pytest.fixture(scope="module")
+def default() -> Rendered:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def custom() -> Rendered:
+    return render(CUSTOM_VALUES)
+
+
+# --------------------------------------------------------------------------- helm lint and schemas
+
+def test_helm_engine_is_the_real_one():
+    assert helm_python.helm_sdk_version().startswith("v"), helm_python.helm_sdk_version()
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        assert chart.metadata["apiVersion"] == "v2"
+        assert chart.metadata["appVersion"] == "0.1.0"
+        assert chart.schema is not None, "values.schema.json is missing"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("kube_version", [f"v{v}.0" for v in K8S_VERSIONS])
+def test_lint_strict_is_clean(scenario, kube_version):
+    report = helm_python.lint(CHART_DIR, copy.deepcopy(SCENARIOS[scenario]), strict=True,
+                              namespace=NAMESPACE, kube_version=kube_version)
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == [], report
+    # Severity 2 = warning, 3 = error; strict mode fails on both. Info (1) is fine.
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [], problems
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_every_object_passes_kubernetes_schema(rendered, k8s_version):
+    checked = set()
+    for obj in rendered.objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        # strict: unknown fields are errors too.
+        kubernetes_validate.validate(obj, k8s_version, strict=True)
+        checked.add(obj["kind"])
+    expected = {"CSIDriver", "Deployment", "DaemonSet", "ServiceAccount", "ClusterRole",
+                "ClusterRoleBinding", "Role", "RoleBinding", "StorageClass"}
+    assert expected <= checked, expected - checked
+
+
+def test_schema_versions_are_shipped():
+    shipped = {kv_utils.major_minor(v) for v in kv_utils.all_versions()}
+    assert set(K8S_VERSIONS) <= shipped, shipped
+
+
+def test_only_crd_kinds_are_skipped(rendered):
+    """Every kind without a core schema must be one of the known CRD kinds."""
+    for obj in rendered.objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert obj["kind"] in CRD_KINDS, f"no schema for {obj['kind']}"
+            assert obj["apiVersion"] == CRD_KINDS[obj["kind"]]
+
+
+def test_objects_are_unique_and_namespaced_in_release(rendered):
+    seen = set()
+    cluster_scoped = {"CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
+                      "VolumeSnapshotClass"}
+    for obj in rendered.objects:
+        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        assert key not in seen, key
+        seen.add(key)
+        if obj["kind"] in cluster_scoped:
+            assert "namespace" not in obj["metadata"], key
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, key
+
+
+# --------------------------------------------------------------------------- values.schema.json
+
+@pytest.mark.parametrize("bad", [
+    {"controller": {"replicas": "two"}},
+    {"controller": {"replicas": 0}},
+    {"controlller": {"replicas": 2}},
+    {"storageClasses": [{"name": "lunanode-btrfs", "fsType": "btrfs"}]},
+    {"controller": {"logFormat": "yaml"}},
+    {"metrics": {"port": 70000}},
+    {"image": {"driver": {"repository": "", "tag": "x"}}},
+    {"node": {"kubeletDir": "relative/path"}},
+], ids=lambda v: json.dumps(v)[:60])
+def test_schema_rejects_bad_values(bad):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(bad)
+
+
+def test_lint_fails_on_schema_violation():
+    report = helm_python.lint(CHART_DIR, {"controller": {"replicas": "two"}}, strict=True)
+    assert report["errors"], report
+    assert any("replicas" in e for e in report["errors"])
+
+
+def test_service_monitor_without_metrics_fails():
+    with pytest.raises(helm_python.HelmRenderError, match="metrics.enabled"):
+        render({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
+
+
+# --------------------------------------------------------------------------- CSIDriver and driver name
+
+def test_csidriver(rendered):
+    driver = rendered.one("CSIDriver")
+    assert driver["apiVersion"] == "storage.k8s.io/v1"
+    assert driver["metadata"]["name"] == DRIVER_NAME
+    assert driver["spec"] == {
+        "attachRequired": True,
+        "podInfoOnMount": False,
+        "fsGroupPolicy": "File",
+        "volumeLifecycleModes": ["Persistent"],
+    }
+
+
+def test_driver_name_agrees_everywhere(rendered):
+    name = rendered.one("CSIDriver")["metadata"]["name"]
+    assert name == DRIVER_NAME
+    for sc in rendered.of_kind("StorageClass"):
+        assert sc["provisioner"] == name, sc["metadata"]["name"]
+    for vsc in rendered.of_kind("VolumeSnapshotClass"):
+        assert vsc["driver"] == name
+    node = rendered.node
+    registration = flags(container(node, "node-driver-registrar"))["--kubelet-registration-path"]
+    kubelet_dir = rendered.values.get("node", {}).get("kubeletDir", "/var/lib/kubelet")
+    assert registration == f"{kubelet_dir}/plugins/{name}/csi.sock"
+    _, plugin_volume = mount_at(node, container(node, "lunanode-csi"), "/csi")
+    assert plugin_volume["hostPath"]["path"] == f"{kubelet_dir}/plugins/{name}"
+
+
+def test_socket_path_agrees_between_driver_and_sidecars(rendered):
+    for workload in (rendered.controller, rendered.node):
+        driver = container(workload, "lunanode-csi")
+        endpoint = flags(driver)["--endpoint"]
+        assert endpoint.startswith("unix://")
+        socket = endpoint[len("unix://"):]
+        assert socket == SOCKET
+        socket_dir = posixpath.dirname(socket)
+        _, driver_volume = mount_at(workload, driver, socket_dir)
+        sidecars = [c for c in pod_spec(workload)["containers"] if c["name"] != "lunanode-csi"]
+        assert sidecars
+        for c in sidecars:
+            assert flags(c)["--csi-address"] == socket, c["name"]
+            _, volume = mount_at(workload, c, socket_dir)
+            assert volume["name"] == driver_volume["name"], c["name"]
+
+
+def test_registrar_path_is_the_host_side_of_the_socket(rendered):
+    node = rendered.node
+    driver = container(node, "lunanode-csi")
+    socket = flags(driver)["--endpoint"][len("unix://"):]
+    _, volume = mount_at(node, driver, posixpath.dirname(socket))
+    host_socket = posixpath.join(volume["hostPath"]["path"], posixpath.basename(socket))
+    registrar = container(node, "node-driver-registrar")
+    assert flags(registrar)["--kubelet-registration-path"] == host_socket
+    _, registration = mount_at(node, registrar, "/registration")
+    kubelet_dir = rendered.values.get("node", {}).get("kubeletDir", "/var/lib/kubelet")
+    assert registration["hostPath"]["path"] == f"{kubelet_dir}/plugins_registry"
+
+
+# --------------------------------------------------------------------------- node plugin
+
+def test_node_plugin_privileged_with_bidirectional_kubelet_dir(rendered):
+    node = rendered.node
+    spec = pod_spec(node)
+    driver = container(node, "lunanode-csi")
+    assert driver["securityContext"]["privileged"] is True
+    kubelet_dir = rendered.values.get("node", {}).get("kubeletDir", "/var/lib/kubelet")
+    mount, volume = mount_at(node, driver, kubelet_dir)
+    assert mount["mountPropagation"] == "Bidirectional"
+    assert volume["hostPath"]["path"] == kubelet_dir
+    mount, volume = mount_at(node, driver, "/dev")
+    assert volume["hostPath"]["path"] == "/dev"  # /dev/disk/by-id comes with it
+    mount, volume = mount_at(node, driver, "/run/udev")
+    assert volume["hostPath"]["path"] == "/run/udev"
+    assert mount.get("readOnly") is True
+    # Bidirectional propagation is only allowed for privileged containers.
+    for c in spec["containers"]:
+        if c["name"] != "lunanode-csi":
+            assert not c.get("securityContext", {}).get("privileged", False), c["name"]
+            assert all(m.get("mountPropagation") != "Bidirectional" for m in c.get("volumeMounts", []))
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert {c["name"] for c in spec["containers"]} == {"lunanode-csi", "node-driver-registrar",
+                                                        "liveness-probe"}
+
+
+def test_node_driver_args(default, custom):
+    args = flags(container(default.node, "lunanode-csi"))
+    assert args["--mode"] == "node"
+    # Node ID and region come from the metadata service unless set.
+    for absent in ("--node-id", "--region", "--max-volumes-per-node", "--by-id-dir",
+                   "--api-id-file", "--api-key-file", "--metrics-addr"):
+        assert absent not in args, absent
+    args = flags(container(custom.node, "lunanode-csi"))
+    assert args["--region"] == "montreal"
+    assert args["--max-volumes-per-node"] == "8"
+    assert args["--by-id-dir"] == "/dev/disk/by-id"
+    assert "--node-id" not in args
+    assert pod_spec(custom.node)["hostNetwork"] is True
+    assert pod_spec(custom.node)["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "hostNetwork" not in pod_spec(default.node)
+
+
+def test_driver_uses_only_known_flags(rendered):
+    for workload in (rendered.controller, rendered.node):
+        c = container(workload, "lunanode-csi")
+        assert c["args"][0] == "serve"
+        unknown = set(flags(c)) - DRIVER_FLAGS
+        assert not unknown, unknown
+
+
+# --------------------------------------------------------------------------- controller
+
+def test_controller_replicas(default, custom):
+    assert default.controller["spec"]["replicas"] == 2
+    assert custom.controller["spec"]["replicas"] == 1
+
+
+def test_controller_driver_args_and_credentials(rendered):
+    ctrl = rendered.controller
+    driver = container(ctrl, "lunanode-csi")
+    args = flags(driver)
+    assert args["--mode"] == "controller"
+    id_file, key_file = args["--api-id-file"], args["--api-key-file"]
+    assert (id_file, key_file) == ("/etc/lunanode/api-id", "/etc/lunanode/api-key")
+    mount, volume = mount_at(ctrl, driver, "/etc/lunanode")
+    assert mount["readOnly"] is True
+    secret_name = volume["secret"]["secretName"]
+    items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+    assert items == {"api-id": "api-id", "api-key": "api-key"}
+    existing = rendered.values.get("credentials", {}).get("existingSecret")
+    secrets = rendered.of_kind("Secret")
+    if existing:
+        assert secret_name == existing
+        assert secrets == []
+    else:
+        assert secret_name == f"{RELEASE}-credentials"
+        secret = rendered.one("Secret", secret_name)
+        assert set(secret["stringData"]) == {"api-id", "api-key"}
+    assert args["--default-region"] == rendered.values.get("defaultRegion", "toronto")
+    # The controller is the only component that holds credentials.
+    for c in pod_spec(rendered.node)["containers"]:
+        assert all(m["mountPath"] != "/etc/lunanode" for m in c.get("volumeMounts", []))
+
+
+def test_chart_created_secret_carries_values():
+    r = render({"credentials": {"apiId": "my-id", "apiKey": "my-key"}})
+    secret = r.one("Secret", f"{RELEASE}-credentials")
+    assert secret["stringData"] == {"api-id": "my-id", "api-key": "my-key"}
+    assert "WARNING" not in r.notes
+    assert "WARNING" in render().notes  # no credentials given
+    # Rotating the credentials restarts the controller.
+    annotations = r.controller["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/credentials"] != \
+        render().controller["spec"]["template"]["metadata"]["annotations"]["checksum/credentials"]
+
+
+def test_controller_optional_driver_args(default, custom):
+    args = flags(container(default.controller, "lunanode-csi"))
+    for absent in ("--api-url", "--qps", "--burst", "--metrics-addr", "--region", "--node-id"):
+        assert absent not in args, absent
+    assert args["--log-format"] == "json" and args["--log-level"] == "info"
+    args = flags(container(custom.controller, "lunanode-csi"))
+    assert args["--api-url"] == "https://dynamic.lunanode.com/api"
+    assert args["--qps"] == "5" and args["--burst"] == "10"
+    assert args["--log-format"] == "text" and args["--log-level"] == "debug"
+    assert args["--default-region"] == "montreal"
+
+
+def test_controller_sidecars(rendered):
+    ctrl = rendered.controller
+    names = [c["name"] for c in pod_spec(ctrl)["containers"]]
+    assert names == ["lunanode-csi", "csi-provisioner", "csi-attacher", "csi-resizer",
+                     "csi-snapshotter", "liveness-probe"]
+    prov = flags(container(ctrl, "csi-provisioner"))
+    assert prov["--feature-gates"] == "Topology=true"
+    assert "--extra-create-metadata" in prov
+    assert prov["--default-fstype"] == "ext4"
+    assert re.fullmatch(r"\d+(ms|s|m|h)", prov["--timeout"])
+    assert "--extra-create-metadata" in flags(container(ctrl, "csi-snapshotter"))
+    assert flags(container(ctrl, "csi-resizer")).get("--handle-volume-inuse-error") in (None, "true")
+    for name in LEADER_ELECTED:
+        f = flags(container(ctrl, name))
+        assert "--leader-election" in f, name
+        assert f["--leader-election-namespace"] == NAMESPACE, name
+        assert "--timeout" in f, name
+
+
+def test_liveness_wiring(rendered):
+    for workload, port in ((rendered.controller, 9898), (rendered.node, 9899)):
+        probe_sidecar = flags(container(workload, "liveness-probe"))
+        assert probe_sidecar["--health-port"] == str(port)
+        driver = container(workload, "lunanode-csi")
+        ports = {p["name"]: p["containerPort"] for p in driver["ports"]}
+        assert ports["healthz"] == port
+        probe = driver["livenessProbe"]["httpGet"]
+        assert probe == {"path": "/healthz", "port": "healthz"}
+
+
+def test_controller_pdb_and_selectors(default, custom):
+    for r in (default, custom):
+        for workload in (r.controller, r.node):
+            selector = workload["spec"]["selector"]["matchLabels"]
+            labels = workload["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= labels.items()
+        # Controller and node pods must not match each other's selectors.
+        assert r.controller["spec"]["selector"]["matchLabels"] != r.node["spec"]["selector"]["matchLabels"]
+    pdb = default.one("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == default.controller["spec"]["selector"]["matchLabels"]
+    assert custom.of_kind("PodDisruptionBudget") == []
+
+
+def test_every_container_has_requests_and_limits(rendered):
+    for workload in (rendered.controller, rendered.node):
+        for c in pod_spec(workload)["containers"]:
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), (workload["kind"], c["name"], kind)
+
+
+def test_controller_is_unprivileged(rendered):
+    spec = pod_spec(rendered.controller)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert not sc.get("privileged", False)
+
+
+# --------------------------------------------------------------------------- images
+
+def test_default_images(default):
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        app_version = chart.metadata["appVersion"]
+        values = chart.values
+    for key, (repo, tag) in UPSTREAM_IMAGES.items():
+        assert (values["image"][key]["repository"], values["image"][key]["tag"]) == (repo, tag)
+    images = {c["name"]: c["image"] for w in (default.controller, default.node)
+              for c in pod_spec(w)["containers"]}
+    assert images["lunanode-csi"] == f"ghcr.io/lunanode-csi/lunanode-csi:{app_version}"
+    assert images["csi-provisioner"] == "registry.k8s.io/sig-storage/csi-provisioner:v5.3.0"
+    assert images["csi-attacher"] == "registry.k8s.io/sig-storage/csi-attacher:v4.9.0"
+    assert images["csi-resizer"] == "registry.k8s.io/sig-storage/csi-resizer:v1.14.0"
+    assert images["csi-snapshotter"] == "registry.k8s.io/sig-storage/csi-snapshotter:v8.3.0"
+    assert images["liveness-probe"] == "registry.k8s.io/sig-storage/livenessprobe:v2.16.0"
+    assert images["node-driver-registrar"] == \
+        "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.14.0"
+
+
+def test_custom_images(custom):
+    image_values = CUSTOM_VALUES["image"]
+    key_of = {"lunanode-csi": "driver", "csi-provisioner": "csiProvisioner",
+              "csi-attacher": "csiAttacher", "csi-resizer": "csiResizer",
+              "csi-snapshotter": "csiSnapshotter", "liveness-probe": "livenessProbe",
+              "node-driver-registrar": "nodeDriverRegistrar"}
+    for workload in (custom.controller, custom.node):
+        spec = pod_spec(workload)
+        assert spec["imagePullSecrets"] == [{"name": "mirror-pull"}]
+        for c in spec["containers"]:
+            v = image_values[key_of[c["name"]]]
+            assert c["image"] == f"{v['repository']}:{v['tag']}"
+        assert container(workload, "lunanode-csi")["imagePullPolicy"] == "Always"
+
+
+# --------------------------------------------------------------------------- RBAC
+
+def test_each_sidecar_has_the_rbac_it_needs(rendered):
+    ctrl = rendered.controller
+    sa = pod_spec(ctrl)["serviceAccountName"]
+    rendered.one("ServiceAccount", sa)
+    rules = rules_for_service_account(rendered, sa, NAMESPACE)
+    missing = []
+    for sidecar, needed in NEEDED_RULES.items():
+        container(ctrl, sidecar)  # the sidecar runs in this pod, under this ServiceAccount
+        for (group, resource), verbs in needed.items():
+            for verb in sorted(verbs):
+                if not allowed(rules, group, resource, verb):
+                    missing.append((sidecar, group, resource, verb))
+    for sidecar in LEADER_ELECTED:
+        lease_ns = flags(container(ctrl, sidecar))["--leader-election-namespace"]
+        for (group, resource), verbs in LEASE_RULE.items():
+            for verb in sorted(verbs):
+                if not allowed(rules, group, resource, verb, namespace=lease_ns):
+                    missing.append((sidecar, group, resource, verb, lease_ns))
+    assert not missing, missing
+
+
+def test_rbac_is_not_wildcard_and_leases_are_namespaced(rendered):
+    for role in rendered.of_kind("ClusterRole") + rendered.of_kind("Role"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], (role["metadata"]["name"], rule)
+            # Secrets are read only through the mounted volume.
+            assert "secrets" not in rule["resources"], role["metadata"]["name"]
+    for role in rendered.of_kind("ClusterRole"):
+        assert all("leases" not in rule["resources"] for rule in role["rules"])
+
+
+def test_node_service_account_has_no_api_access(rendered):
+    sa = pod_spec(rendered.node)["serviceAccountName"]
+    assert rules_for_service_account(rendered, sa, NAMESPACE) == []
+    assert pod_spec(rendered.node)["automountServiceAccountToken"] is False
+
+
+# --------------------------------------------------------------------------- classes
+
+def test_default_storage_classes(default):
+    classes = {sc["metadata"]["name"]: sc for sc in default.of_kind("StorageClass")}
+    assert set(classes) == {"lunanode-ext4", "lunanode-xfs"}
+    for name, fs in (("lunanode-ext4", "ext4"), ("lunanode-xfs", "xfs")):
+        sc = classes[name]
+        assert sc["parameters"] == {"csi.storage.k8s.io/fstype": fs}
+        assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        assert sc["allowVolumeExpansion"] is True
+        assert sc["reclaimPolicy"] == "Delete"
+    default_marked = [n for n, sc in classes.items()
+                      if sc["metadata"].get("annotations", {})
+                      .get("storageclass.kubernetes.io/is-default-class") == "true"]
+    assert default_marked == ["lunanode-ext4"]
+
+
+def test_custom_storage_class_region_and_topology(custom):
+    sc = custom.one("StorageClass", "lunanode-montreal-xfs")
+    assert sc["parameters"] == {"csi.storage.k8s.io/fstype": "xfs", "region": "montreal"}
+    assert sc["reclaimPolicy"] == "Retain"
+    assert sc["mountOptions"] == ["noatime"]
+    assert sc["allowedTopologies"] == [{"matchLabelExpressions": [
+        {"key": TOPOLOGY_KEY, "values": ["montreal"]}]}]
+
+
+def test_volume_snapshot_class(default, custom):
+    vsc = default.one("VolumeSnapshotClass")
+    assert vsc["apiVersion"] == CRD_KINDS["VolumeSnapshotClass"]
+    assert vsc["metadata"]["name"] == "lunanode-snapshot"
+    assert vsc["driver"] == DRIVER_NAME
+    assert vsc["deletionPolicy"] == "Delete"
+    assert vsc["metadata"]["annotations"]["snapshot.storage.kubernetes.io/is-default-class"] == "true"
+    assert set(vsc) <= {"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"}
+    vsc = custom.one("VolumeSnapshotClass")
+    assert vsc["deletionPolicy"] == "Retain" and "annotations" not in vsc["metadata"]
+    assert render({"volumeSnapshotClass": {"create": False}}).of_kind("VolumeSnapshotClass") == []
+
+
+# --------------------------------------------------------------------------- topology
+
+def test_topology_key(default, custom):
+    assert TOPOLOGY_KEY in default.notes
+    assert TOPOLOGY_KEY in (REPO / "deploy" / "README.md").read_text()
+    assert flags(container(default.controller, "csi-provisioner"))["--feature-gates"] == "Topology=true"
+    keys = {expr["key"] for sc in custom.of_kind("StorageClass")
+            for term in sc.get("allowedTopologies", []) for expr in term["matchLabelExpressions"]}
+    assert keys == {TOPOLOGY_KEY}
+
+
+@pytest.mark.parametrize("const, expected", [("TOPOLOGY_KEY", TOPOLOGY_KEY),
+                                             ("DRIVER_NAME", DRIVER_NAME)])
+def test_constants_match_driver_source(const, expected):
+    """The driver name and topology key the chart uses are the ones the driver declares."""
+    found = set()
+    for path in (REPO / "src").rglob("*.rs"):
+        found |= set(re.findall(rf'\bconst\s+{const}\s*:\s*&(?:\'static\s+)?str\s*=\s*"([^"]*)"',
+                                path.read_text()))
+    if not found:
+        pytest.skip(f"the driver source declares no {const}")
+    assert found == {expected}, found
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_metrics_off_by_default(default):
+    assert default.of_kind("Service") == [] and default.of_kind("ServiceMonitor") == []
+    assert "--metrics-addr" not in flags(container(default.controller, "lunanode-csi"))
+
+
+def test_metrics_service_and_service_monitor(custom):
+    driver = container(custom.controller, "lunanode-csi")
+    assert flags(driver)["--metrics-addr"] == "0.0.0.0:9808"
+    ports = {p["name"]: p["containerPort"] for p in driver["ports"]}
+    assert ports["metrics"] == 9808
+    service = custom.one("Service")
+    pod_labels = custom.controller["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9808, "targetPort": "metrics",
+                                         "protocol": "TCP"}]
+    # ServiceMonitor: checked structurally (no core schema for it).
+    sm = custom.one("ServiceMonitor")
+    assert sm["apiVersion"] == CRD_KINDS["ServiceMonitor"]
+    assert sm["metadata"]["namespace"] == NAMESPACE
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+(ms|s|m|h)", endpoint["interval"])
+    assert set(sm["spec"]) == {"selector", "namespaceSelector", "endpoints"}
+
+
+def test_metrics_without_service_monitor():
+    r = render({"metrics": {"enabled": True}})
+    assert len(r.of_kind("Service")) == 1 and r.of_kind("ServiceMonitor") == []
+
+
+# --------------------------------------------------------------------------- NOTES
+
+def test_notes(default, custom):
+    for r in (default, custom):
+        assert DRIVER_NAME in r.notes
+        assert "OFFLINE" in r.notes
+        assert "snapshot-controller" in r.notes
+    assert "lunanode-ext4 (default)" in default.notes
+    assert "region montreal" in custom.notes
+    assert "controller-metrics" in custom.notes
+
+
+# --------------------------------------------------------------------------- plain manifests
+
+def test_plain_manifests_match_a_fresh_render():
+    module = load_render_module()
+    fresh = module.render_manifests()
+    assert PLAIN_MANIFESTS.read_text() == fresh, \
+        "deploy/kubernetes/ is out of date: run python deploy/render.py"
+
+
+def test_plain_manifests_are_the_default_render(default):
+    docs = [d for d in yaml.safe_load_all(PLAIN_MANIFESTS.read_text()) if d]
+    key = lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])  # noqa: E731
+    assert sorted(docs, key=key) == sorted(default.objects, key=key)
+    for obj in docs:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    # Install order: RBAC and Secret before the workloads that use them.
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("Secret") < kinds.index("Deployment")
+    assert max(i for i, k in enumerate(kinds) if k.startswith(("Cluster", "Role"))) < kinds.index("DaemonSet")
+
+
+def test_render_check_mode_detects_drift(tmp_path, monkeypatch):
+    module = load_render_module()
+    assert module.main(["--check"]) == 0
+    stale = tmp_path / "lunanode-csi.yaml"
+    stale.write_text(PLAIN_MANIFESTS.read_text().replace("replicas: 2", "replicas: 3"))
+    monkeypatch.setattr(module, "OUTPUT", stale)
+    assert module.main(["--check"]) == 1
+
+
+# --------------------------------------------------------------------------- Dockerfile and docs
+
+def test_dockerfile():
+    text = (REPO / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
+    assert froms[0] == ("rust:1-bookworm", "builder")
+    assert froms[-1][0] == "debian:bookworm-slim"
+    assert BUILD_COMMAND in text
+    runtime = text[text.rindex("FROM debian:bookworm-slim"):]
+    for package in ("e2fsprogs", "xfsprogs", "util-linux", "ca-certificates", "mount"):
+        assert re.search(rf"\b{re.escape(package)}\b", runtime), package
+    assert re.search(r"COPY --from=builder \S+ /usr/local/bin/lunanode-csi", runtime)
+    assert 'ENTRYPOINT ["/usr/local/bin/lunanode-csi"]' in runtime
+
+
+def test_dockerfile_build_command_matches_docs():
+    assert BUILD_COMMAND in (REPO / "deploy" / "README.md").read_text()
+
+
+def test_deploy_readme():
+    text = (REPO / "deploy" / "README.md").read_text()
+    assert "helm install lunanode-csi deploy/helm/lunanode-csi -n kube-system" in text
+    assert "--set credentials.apiId=" in text and "--set credentials.apiKey=" in text
+    assert "snapshot-controller" in text
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        top_level = set(chart.values) - {"nameOverride", "fullnameOverride"}
+    for key in top_level:
+        assert f"`{key}" in text, f"values key {key} is not in the README's table"
+
+
+# --------------------------------------------------------------------------- examples
+
+def test_examples_exist_and_are_described():
+    readme = (EXAMPLES_DIR / "README.md").read_text()
+    names = {"pvc-pod.yaml", "snapshot-restore.yaml", "cross-region-restore.yaml",
+             "expansion.yaml", "raw-block.yaml"}
+    assert names <= set(example_objects())
+    for name in names:
+        assert name in readme, name
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_examples_pass_kubernetes_schema(k8s_version):
+    for name, objects in example_objects().items():
+        assert objects, name
+        for obj in objects:
+            if obj["kind"] in CRD_KINDS:
+                assert obj["apiVersion"] == CRD_KINDS[obj["kind"]], name
+                continue
+            kubernetes_validate.validate(obj, k8s_version, strict=True)
+
+
+def test_examples_refer_to_existing_classes_and_claims(default):
+    chart_classes = {sc["metadata"]["name"] for sc in default.of_kind("StorageClass")}
+    snapshot_class = default.one("VolumeSnapshotClass")["metadata"]["name"]
+    claims_everywhere = {o["metadata"]["name"] for objs in example_objects().values()
+                         for o in objs if o["kind"] == "PersistentVolumeClaim"}
+    for name, objects in example_objects().items():
+        classes = chart_classes | {o["metadata"]["name"] for o in objects if o["kind"] == "StorageClass"}
+        snapshots = {o["metadata"]["name"] for o in objects if o["kind"] == "VolumeSnapshot"}
+        for o in objects:
+            if o["kind"] == "StorageClass":
+                assert o["provisioner"] == DRIVER_NAME, name
+            if o["kind"] == "PersistentVolumeClaim":
+                assert o["spec"]["storageClassName"] in classes, name
+                source = o["spec"].get("dataSource")
+                if source:
+                    assert source["kind"] == "VolumeSnapshot" and source["name"] in snapshots, name
+            if o["kind"] == "VolumeSnapshot":
+                assert o["spec"]["volumeSnapshotClassName"] == snapshot_class, name
+                assert o["spec"]["source"]["persistentVolumeClaimName"] in claims_everywhere, name
+
+
+def test_cross_region_restore_example():
+    objects = example_objects()["cross-region-restore.yaml"]
+    sc = next(o for o in objects if o["kind"] == "StorageClass")
+    assert sc["parameters"]["region"] == "montreal"
+    assert sc["allowedTopologies"][0]["matchLabelExpressions"][0]["key"] == TOPOLOGY_KEY
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == sc["metadata"]["name"]
+    assert pvc["spec"]["dataSource"]["kind"] == "VolumeSnapshot"
+    assert "toronto" in (EXAMPLES_DIR / "cross-region-restore.yaml").read_text()
+
+
+def test_expansion_example_says_offline():
+    text = (EXAMPLES_DIR / "expansion.yaml").read_text()
+    assert "OFFLINE" in text and "--replicas=0" in text
+    assert "offline" in (EXAMPLES_DIR / "README.md").read_text().lower()
+
+
+def test_raw_block_example():
+    objects = example_objects()["raw-block.yaml"]
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    pod = next(o for o in objects if o["kind"] == "Pod")
+    assert pvc["spec"]["volumeMode"] == "Block"
+    (c,) = pod["spec"]["containers"]
+    assert c["volumeDevices"][0]["name"] == pod["spec"]["volumes"][0]["name"]
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert "volumeMounts" not in c
