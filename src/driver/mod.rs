@@ -6,7 +6,11 @@
 
 pub mod error;
 pub mod identity;
+pub mod inflight;
+pub mod node;
+pub mod node_id;
 pub mod observe;
 
 pub use error::Error;
 pub use identity::IdentityService;
+pub use node::{NodeConfig, NodeService};

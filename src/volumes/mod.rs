@@ -7,6 +7,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod cmd;
+pub mod device;
+pub mod fs;
+pub mod mount;
+pub mod probe;
+pub mod resize;
+pub mod stats;
+
+pub use device::{Device, DeviceWait};
+pub use probe::Probe;
+
 /// What can go wrong while working on a node's disks and mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -66,4 +77,22 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl VolumeError {
+    /// A failed system call, with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        VolumeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A failed `nix` call, with what was being done.
+    pub fn errno(context: impl Into<String>, errno: nix::errno::Errno) -> Self {
+        VolumeError::Io {
+            context: context.into(),
+            source: std::io::Error::from(errno),
+        }
+    }
 }
