@@ -1,11 +1,39 @@
-//! A simulator of the Luna Node API (INTERFACE STUB: being implemented).
+//! A simulator of the Luna Node API: the same wire format, signature check, JSON shapes and
+//! rules as the real cloud, with volumes kept in memory or in sparse files attached as loop
+//! devices (with the `virtio-<serial>` links udev makes on a real VM).
+//!
+//! Layout: [`state`] is the cloud model and its rules (pure), `actions` maps API calls onto
+//! it, `http` is the axum server (form parsing, signature, faults, rate limit), `backing` keeps
+//! the bytes, `faults` decides injected failures.
 
+mod actions;
+mod backing;
+mod faults;
+mod http;
+mod sign;
+pub mod state;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+pub use backing::link_name;
+pub use faults::FaultKind;
+pub use http::{AUTH_ERROR, RATE_LIMIT_ERROR, TRANSIENT_ERROR};
+pub use sign::signature;
+pub use state::REGIONS;
+
+use backing::Store;
+use faults::{Faults, TokenBucket};
+use state::{Cloud, Rules};
 
 /// Where simulated volumes keep their bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backing {
     /// Metadata only.
     Memory,
@@ -20,7 +48,35 @@ pub struct VmSpec {
     pub name: Option<String>,
 }
 
+impl std::str::FromStr for VmSpec {
+    type Err = String;
+
+    /// `REGION` or `REGION:NAME`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (region, name) = match s.split_once(':') {
+            Some((r, n)) => (r.trim(), Some(n.trim())),
+            None => (s.trim(), None),
+        };
+        if !REGIONS.contains(&region) {
+            return Err(format!(
+                "unknown region {region:?} in --vm {s:?} (known: {})",
+                REGIONS.join(", ")
+            ));
+        }
+        if name.is_some_and(str::is_empty) {
+            return Err(format!("empty VM name in --vm {s:?}"));
+        }
+        Ok(VmSpec {
+            region: region.to_string(),
+            name: name.map(str::to_string),
+        })
+    }
+}
+
 /// Simulator settings.
+///
+/// An empty `state_dir` means "make a temporary directory and remove it at shutdown"; an
+/// empty `by_id_dir` means `{state_dir}/by-id`.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub listen: SocketAddr,
@@ -36,12 +92,85 @@ pub struct SimConfig {
     pub rate_limit_qps: Option<f64>,
 }
 
+impl Default for SimConfig {
+    /// Loopback on a free port, memory backing, a temporary state dir, one VM in toronto,
+    /// no latency, no transitions, no faults, seed 1.
+    fn default() -> Self {
+        SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backing: Backing::Memory,
+            state_dir: PathBuf::new(),
+            by_id_dir: PathBuf::new(),
+            vms: vec![VmSpec {
+                region: "toronto".into(),
+                name: None,
+            }],
+            latency: Duration::ZERO,
+            transition: Duration::ZERO,
+            fault_rate: 0.0,
+            seed: 1,
+            refuse_delete_with_snapshots: false,
+            rate_limit_qps: None,
+        }
+    }
+}
+
 /// A VM as the simulator created it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SimVm {
     pub id: String,
     pub name: String,
     pub region: String,
+}
+
+/// A volume, as [`SimHandle::state`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SimVolume {
+    pub id: u64,
+    pub identification: String,
+    pub label: String,
+    pub size_gb: u64,
+    pub region: String,
+    pub status: String,
+    /// The VM it is attached to (as `volume/info` reports it).
+    pub attached: Option<String>,
+    pub created: String,
+    /// Loop backing: the loop device while attached.
+    pub device: Option<String>,
+    /// Loop backing: the by-id link while attached.
+    pub link: Option<String>,
+}
+
+/// A volume snapshot, as [`SimHandle::state`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SimSnapshot {
+    pub id: String,
+    pub label: String,
+    pub region: String,
+    pub volume_id: u64,
+    pub size_gb: u64,
+    pub status: String,
+}
+
+/// An image, as [`SimHandle::state`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SimImage {
+    pub id: u64,
+    pub name: String,
+    pub region: String,
+    pub size_gb: u64,
+    pub status: String,
+}
+
+/// Everything the simulator holds, for tests (also served as `GET /_sim/state`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SimState {
+    pub volumes: Vec<SimVolume>,
+    pub snapshots: Vec<SimSnapshot>,
+    pub images: Vec<SimImage>,
+    pub vms: Vec<SimVm>,
+    /// Requests per `category/action`, every request counted (failed and faulted ones too).
+    pub calls: BTreeMap<String, u64>,
 }
 
 /// A running simulator.
@@ -52,6 +181,13 @@ pub struct SimHandle {
     pub vms: Vec<SimVm>,
     pub backing: Backing,
     pub by_id_dir: PathBuf,
+    addr: SocketAddr,
+    state_dir: PathBuf,
+    owned_state_dir: bool,
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    cleaned: bool,
 }
 
 /// Errors starting the simulator.
@@ -61,26 +197,591 @@ pub enum SimError {
     Other(String),
 }
 
+/// The cloud and its bytes, under one lock.
+pub(crate) struct World {
+    pub(crate) cloud: Cloud,
+    pub(crate) store: Store,
+}
+
+/// What the server tasks share.
+pub(crate) struct Inner {
+    pub(crate) api_id: String,
+    pub(crate) api_key: String,
+    pub(crate) world: Mutex<World>,
+    pub(crate) faults: Mutex<Faults>,
+    pub(crate) bucket: Mutex<Option<TokenBucket>>,
+    pub(crate) calls: Mutex<BTreeMap<String, u64>>,
+    pub(crate) latency: Mutex<Duration>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Lock, ignoring poisoning (a panicked request leaves consistent-enough state for a simulator).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn snapshot_state(&self) -> SimState {
+        let calls = lock(&self.calls).clone();
+        let mut w = lock(&self.world);
+        w.cloud.settle(Instant::now());
+        let World { cloud, store } = &*w;
+        let volumes = cloud
+            .volumes
+            .values()
+            .map(|v| {
+                let a = store.attached.get(&v.id);
+                SimVolume {
+                    id: v.id,
+                    identification: v.identification.clone(),
+                    label: v.label.clone(),
+                    size_gb: v.size_gb,
+                    region: v.region.clone(),
+                    status: v.status.to_string(),
+                    attached: Some(v.attached().to_string()).filter(|s| !s.is_empty()),
+                    created: v.created.clone(),
+                    device: a.map(|a| a.device.display().to_string()),
+                    link: a.map(|a| a.link.display().to_string()),
+                }
+            })
+            .collect();
+        let snapshots = cloud
+            .snapshots
+            .values()
+            .map(|s| SimSnapshot {
+                id: s.id.clone(),
+                label: s.label.clone(),
+                region: s.region.clone(),
+                volume_id: s.volume_id,
+                size_gb: s.size_gb,
+                status: s.status.to_string(),
+            })
+            .collect();
+        let images = cloud
+            .images
+            .values()
+            .map(|i| SimImage {
+                id: i.id,
+                name: i.name.clone(),
+                region: i.region.clone(),
+                size_gb: i.size_gb,
+                status: i.status.to_string(),
+            })
+            .collect();
+        let vms = cloud
+            .vms
+            .iter()
+            .map(|v| SimVm {
+                id: v.id.clone(),
+                name: v.name.clone(),
+                region: v.region.clone(),
+            })
+            .collect();
+        SimState {
+            volumes,
+            snapshots,
+            images,
+            vms,
+            calls,
+        }
+    }
+}
+
+fn temp_state_dir(seed: u64) -> std::io::Result<PathBuf> {
+    let mut rng = fastrand::Rng::new();
+    for _ in 0..16 {
+        let p = std::env::temp_dir().join(format!(
+            "lunanode-sim-{}-{seed:x}-{:08x}",
+            std::process::id(),
+            rng.u32(..)
+        ));
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(
+        "cannot pick a temporary directory name",
+    ))
+}
+
 impl SimHandle {
     /// Start a simulator.
-    pub async fn start(_cfg: SimConfig) -> Result<SimHandle, SimError> {
-        Err(SimError::Other("simulator not implemented yet".into()))
+    pub async fn start(cfg: SimConfig) -> Result<SimHandle, SimError> {
+        let err = |m: String| SimError::Other(format!("simulator: {m}"));
+        if cfg.backing == Backing::Loop && !loop_available() {
+            return Err(err(
+                "the loop backing needs root, /dev/loop-control and losetup".into(),
+            ));
+        }
+        if let Some(q) = cfg.rate_limit_qps
+            && !(q.is_finite() && q > 0.0)
+        {
+            return Err(err(format!(
+                "rate limit must be a positive number, got {q}"
+            )));
+        }
+        // Credentials and IDs follow from the seed.
+        let mut rng = fastrand::Rng::with_seed(cfg.seed);
+        let api_id = sign::random_token(&mut rng, 16);
+        let api_key = sign::random_token(&mut rng, 128);
+        let mut cloud = Cloud::new(
+            Rules {
+                transition: cfg.transition,
+                refuse_delete_with_snapshots: cfg.refuse_delete_with_snapshots,
+            },
+            cfg.seed,
+        );
+        let mut vms = Vec::new();
+        for spec in &cfg.vms {
+            vms.push(
+                cloud
+                    .add_vm(&spec.region, spec.name.as_deref())
+                    .map_err(|e| err(e.0))?,
+            );
+        }
+
+        let owned_state_dir = cfg.state_dir.as_os_str().is_empty();
+        let state_dir = if owned_state_dir {
+            temp_state_dir(cfg.seed).map_err(|e| err(format!("cannot make a state dir: {e}")))?
+        } else {
+            std::fs::create_dir_all(&cfg.state_dir)
+                .map_err(|e| err(format!("cannot create {}: {e}", cfg.state_dir.display())))?;
+            cfg.state_dir.clone()
+        };
+        let remove_owned = || {
+            if owned_state_dir {
+                let _ = std::fs::remove_dir_all(&state_dir);
+            }
+        };
+        let by_id_dir = if cfg.by_id_dir.as_os_str().is_empty() {
+            state_dir.join("by-id")
+        } else {
+            cfg.by_id_dir.clone()
+        };
+        let store = match Store::new(cfg.backing, state_dir.clone(), by_id_dir.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                remove_owned();
+                return Err(err(e));
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                remove_owned();
+                return Err(err(format!("cannot listen on {}: {e}", cfg.listen)));
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map_err(|e| err(format!("no local address: {e}")))?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            api_id: api_id.clone(),
+            api_key: api_key.clone(),
+            world: Mutex::new(World { cloud, store }),
+            faults: Mutex::new(Faults::new(cfg.seed, cfg.fault_rate)),
+            bucket: Mutex::new(
+                cfg.rate_limit_qps
+                    .map(|q| TokenBucket::new(q, Instant::now())),
+            ),
+            calls: Mutex::new(BTreeMap::new()),
+            latency: Mutex::new(cfg.latency),
+            shutdown: stop_rx.clone(),
+        });
+        let app = http::router(inner.clone());
+        let mut graceful = stop_rx;
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = graceful.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "sim: server failed");
+            }
+        });
+        tracing::info!(%addr, backing = ?cfg.backing, state_dir = %state_dir.display(), "simulator listening");
+        Ok(SimHandle {
+            url: format!("http://{addr}/api/"),
+            api_id,
+            api_key,
+            vms,
+            backing: cfg.backing,
+            by_id_dir,
+            addr,
+            state_dir,
+            owned_state_dir,
+            inner,
+            stop,
+            server: Some(server),
+            cleaned: false,
+        })
     }
 
     /// Stop serving and clean up loop devices and links.
-    pub async fn shutdown(self) {}
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(server) = self.server.take() {
+            let abort = server.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let inner = self.inner.clone();
+        let dir = self.owned_state_dir.then(|| self.state_dir.clone());
+        self.cleaned = true;
+        let _ = tokio::task::spawn_blocking(move || cleanup(&inner, dir.as_deref())).await;
+    }
+
+    /// The address the server is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where volume, snapshot and image files live (loop backing).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Everything the simulator holds, with transitions that are due applied.
+    pub fn state(&self) -> SimState {
+        self.inner.snapshot_state()
+    }
+
+    /// Zero the per-action request counters.
+    pub fn reset_counters(&self) {
+        lock(&self.inner.calls).clear();
+    }
+
+    /// Change the probability that a request fails with an injected fault (clamped to [0, 1]).
+    pub fn set_fault_rate(&self, p: f64) {
+        lock(&self.inner.faults).rate = faults::clamp_rate(p);
+    }
+
+    /// Limit injected faults to these kinds (all kinds by default; empty means none).
+    pub fn set_fault_kinds(&self, kinds: &[FaultKind]) {
+        lock(&self.inner.faults).kinds = kinds.to_vec();
+    }
+
+    /// How long an injected timeout holds the request before answering 504 (default 5 s).
+    pub fn set_fault_timeout(&self, d: Duration) {
+        lock(&self.inner.faults).timeout = d;
+    }
+
+    /// Change the server-side rate limit (`None`: unlimited). Non-positive values mean `None`.
+    pub fn set_rate_limit_qps(&self, qps: Option<f64>) {
+        let qps = qps.filter(|q| q.is_finite() && *q > 0.0);
+        *lock(&self.inner.bucket) = qps.map(|q| TokenBucket::new(q, Instant::now()));
+    }
+
+    /// Change the latency added to every API request.
+    pub fn set_latency(&self, d: Duration) {
+        *lock(&self.inner.latency) = d;
+    }
+
+    /// Change how long status transitions take (for changes started from now on).
+    pub fn set_transition(&self, d: Duration) {
+        lock(&self.inner.world).cloud.rules.transition = d;
+    }
+
+    /// Create another VM.
+    pub fn add_vm(&self, region: &str, name: Option<&str>) -> Result<SimVm, SimError> {
+        lock(&self.inner.world)
+            .cloud
+            .add_vm(region, name)
+            .map_err(|e| SimError::Other(e.0))
+    }
+}
+
+/// Detach loop devices, remove links, and remove the state dir if the simulator made it.
+fn cleanup(inner: &Inner, owned_dir: Option<&Path>) {
+    lock(&inner.world).store.cleanup();
+    if let Some(dir) = owned_dir
+        && let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "sim: cannot remove the state dir");
+    }
+}
+
+impl Drop for SimHandle {
+    /// A handle dropped without [`SimHandle::shutdown`] (e.g. a failing test) still releases
+    /// its loop devices, links and temporary files.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let _ = self.stop.send(true);
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        cleanup(
+            &self.inner,
+            self.owned_state_dir.then_some(self.state_dir.as_path()),
+        );
+    }
 }
 
 /// Whether the loop backing can run here (root and a loop control device).
 pub fn loop_available() -> bool {
-    false
+    nix::unistd::geteuid().is_root()
+        && Path::new("/dev/loop-control").exists()
+        && backing::find_program("losetup").is_some()
 }
 
 /// `lunanode-csi sim` arguments.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SimArgs {}
+pub struct SimArgs {
+    /// Address to listen on (port 0: any free port; the real one is printed).
+    #[arg(long, env = "LUNANODE_SIM_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Where volume bytes live.
+    #[arg(
+        long,
+        env = "LUNANODE_SIM_BACKING",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub backing: Backing,
+    /// Directory for volume, snapshot and image files (default: a new temporary directory,
+    /// removed at exit).
+    #[arg(long, env = "LUNANODE_SIM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory for the `virtio-<serial>` links (default: `{state-dir}/by-id`).
+    #[arg(long, env = "LUNANODE_SIM_BY_ID_DIR")]
+    pub by_id_dir: Option<PathBuf>,
+    /// A VM to create, `REGION` or `REGION:NAME` (repeatable; default: one in toronto).
+    #[arg(long = "vm", env = "LUNANODE_SIM_VMS", value_delimiter = ',')]
+    pub vms: Vec<VmSpec>,
+    /// Latency added to every request, in milliseconds.
+    #[arg(long, env = "LUNANODE_SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// How long status transitions (creating, attaching, detaching, pending) take, in ms.
+    #[arg(long, env = "LUNANODE_SIM_TRANSITION_MS", default_value_t = 0)]
+    pub transition_ms: u64,
+    /// Probability (0 to 1) that a request fails with an injected fault.
+    #[arg(long, env = "LUNANODE_SIM_FAULT_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub fault_rate: f64,
+    /// How long an injected timeout holds a request, in ms.
+    #[arg(long, env = "LUNANODE_SIM_FAULT_TIMEOUT_MS", default_value_t = 5000)]
+    pub fault_timeout_ms: u64,
+    /// Seed for credentials, IDs and faults (default: random).
+    #[arg(long, env = "LUNANODE_SIM_SEED")]
+    pub seed: Option<u64>,
+    /// Refuse `volume/delete` while the volume has snapshots.
+    #[arg(long, env = "LUNANODE_SIM_REFUSE_DELETE_WITH_SNAPSHOTS")]
+    pub refuse_delete_with_snapshots: bool,
+    /// Server-side rate limit in requests per second (over it: HTTP 429).
+    #[arg(long, env = "LUNANODE_SIM_RATE_LIMIT_QPS", value_parser = parse_qps)]
+    pub rate_limit_qps: Option<f64>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
+    }
+}
+
+fn parse_qps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(q) if q.is_finite() && q > 0.0 => Ok(q),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+impl SimArgs {
+    /// The configuration these arguments describe.
+    pub fn config(&self) -> SimConfig {
+        let vms = if self.vms.is_empty() {
+            SimConfig::default().vms
+        } else {
+            self.vms.clone()
+        };
+        SimConfig {
+            listen: self.listen,
+            backing: self.backing,
+            state_dir: self.state_dir.clone().unwrap_or_default(),
+            by_id_dir: self.by_id_dir.clone().unwrap_or_default(),
+            vms,
+            latency: Duration::from_millis(self.latency_ms),
+            transition: Duration::from_millis(self.transition_ms),
+            fault_rate: self.fault_rate,
+            seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
+            refuse_delete_with_snapshots: self.refuse_delete_with_snapshots,
+            rate_limit_qps: self.rate_limit_qps,
+        }
+    }
+}
+
+/// The line `sim` prints on start.
+pub fn startup_line(h: &SimHandle) -> String {
+    serde_json::json!({
+        "url": h.url,
+        "api_id": h.api_id,
+        "api_key": h.api_key,
+        "backing": h.backing,
+        "vms": h.vms,
+        "by_id_dir": h.by_id_dir,
+        "state_dir": h.state_dir,
+    })
+    .to_string()
+}
 
 /// Run `lunanode-csi sim` until SIGTERM.
-pub async fn run(_args: SimArgs) -> Result<(), SimError> {
-    Err(SimError::Other("simulator not implemented yet".into()))
+pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| SimError::Other(format!("cannot watch SIGTERM: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| SimError::Other(format!("cannot watch SIGINT: {e}")))?;
+    let handle = SimHandle::start(args.config()).await?;
+    handle.set_fault_timeout(Duration::from_millis(args.fault_timeout_ms));
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", startup_line(&handle));
+        let _ = out.flush();
+    }
+    tokio::select! {
+        _ = term.recv() => tracing::info!("sim: SIGTERM, stopping"),
+        _ = int.recv() => tracing::info!("sim: SIGINT, stopping"),
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_specs_parse() {
+        let v: VmSpec = "toronto".parse().unwrap();
+        assert_eq!((v.region.as_str(), v.name), ("toronto", None));
+        let v: VmSpec = "roubaix:node-1".parse().unwrap();
+        assert_eq!(v.name.as_deref(), Some("node-1"));
+        assert!("paris".parse::<VmSpec>().is_err());
+        assert!("toronto:".parse::<VmSpec>().is_err());
+    }
+
+    #[test]
+    fn args_parse_with_defaults() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: SimArgs,
+        }
+        use clap::Parser;
+        let t = T::try_parse_from(["x", "--vm", "montreal:a", "--vm", "toronto", "--seed", "5"])
+            .unwrap();
+        let c = t.a.config();
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.seed, 5);
+        assert_eq!(c.backing, Backing::Memory);
+        assert!(c.state_dir.as_os_str().is_empty());
+        let t = T::try_parse_from([
+            "x",
+            "--fault-rate",
+            "0.2",
+            "--backing",
+            "loop",
+            "--refuse-delete-with-snapshots",
+            "--rate-limit-qps",
+            "3",
+        ])
+        .unwrap();
+        let c = t.a.config();
+        assert_eq!(c.vms, SimConfig::default().vms);
+        assert_eq!(
+            (
+                c.fault_rate,
+                c.backing,
+                c.refuse_delete_with_snapshots,
+                c.rate_limit_qps
+            ),
+            (0.2, Backing::Loop, true, Some(3.0))
+        );
+        assert!(T::try_parse_from(["x", "--fault-rate", "2"]).is_err());
+        assert!(T::try_parse_from(["x", "--vm", "mars"]).is_err());
+        assert!(T::try_parse_from(["x", "--rate-limit-qps", "0"]).is_err());
+    }
+
+    #[test]
+    fn backing_serializes_lowercase() {
+        assert_eq!(serde_json::to_string(&Backing::Loop).unwrap(), "\"loop\"");
+    }
+
+    #[tokio::test]
+    async fn start_reports_bound_address_and_cleans_up() {
+        let h = SimHandle::start(SimConfig::default()).await.unwrap();
+        assert!(h.url.starts_with("http://127.0.0.1:") && h.url.ends_with("/api/"));
+        assert_ne!(h.addr().port(), 0);
+        assert_eq!((h.api_id.len(), h.api_key.len()), (16, 128));
+        assert_eq!(h.vms.len(), 1);
+        assert!(h.by_id_dir.is_dir());
+        let dir = h.state_dir().to_path_buf();
+        let line: serde_json::Value = serde_json::from_str(&startup_line(&h)).unwrap();
+        assert_eq!(line["backing"], "memory");
+        assert_eq!(line["vms"][0]["region"], "toronto");
+        h.shutdown().await;
+        assert!(!dir.exists());
+    }
+
+    #[tokio::test]
+    async fn same_seed_same_credentials() {
+        let a = SimHandle::start(SimConfig::default()).await.unwrap();
+        let b = SimHandle::start(SimConfig::default()).await.unwrap();
+        assert_eq!(a.api_key, b.api_key);
+        assert_eq!(a.vms, b.vms);
+        let c = SimHandle::start(SimConfig {
+            seed: 2,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        assert_ne!(a.api_key, c.api_key);
+        drop(a);
+        b.shutdown().await;
+        c.shutdown().await;
+    }
+
+    /// Every message the simulator can answer with classifies to the kind the driver expects.
+    #[test]
+    fn fixed_messages_classify() {
+        use crate::lunanode::ApiError;
+        let c = |m: &str| ApiError::from_cloud_message("volume/x", m);
+        assert!(matches!(c(AUTH_ERROR), ApiError::Auth { .. }));
+        assert!(matches!(c(RATE_LIMIT_ERROR), ApiError::Throttled { .. }));
+        assert!(matches!(c(TRANSIENT_ERROR), ApiError::Transient { .. }));
+        assert!(matches!(
+            c("internal error: storage backend failed: cp failed: volume 3 not found"),
+            ApiError::Transient { .. }
+        ));
+        assert!(matches!(
+            c("region not set"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            c("missing parameter volume_id"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            c("missing parameter image_name"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            c("invalid request: req is not a JSON object"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(c("unknown action"), ApiError::Other { .. }));
+    }
 }

@@ -1,0 +1,240 @@
+//! The HTTP face of the simulator: routes, form parsing, authentication, faults.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::actions::{self, Params};
+use super::faults::FaultKind;
+use super::{Inner, lock, sign};
+
+/// The error text for a refused signature or credentials.
+pub const AUTH_ERROR: &str = "authentication failed: invalid signature";
+/// The error text for throttling.
+pub const RATE_LIMIT_ERROR: &str = "rate limit exceeded";
+/// The error text of the injected transient `success: no`.
+pub const TRANSIENT_ERROR: &str = "temporarily unavailable, try again";
+
+pub fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/api/{category}/{action}/", post(api))
+        .route("/api/{category}/{action}", post(api))
+        .route("/_sim/state", get(state))
+        .with_state(inner)
+}
+
+fn json_reply(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn failure(status: StatusCode, msg: &str) -> Response {
+    json_reply(status, &json!({ "success": "no", "error": msg }))
+}
+
+fn text(status: StatusCode) -> Response {
+    let body = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("error")
+    );
+    (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+async fn state(State(inner): State<Arc<Inner>>) -> Response {
+    let s = inner.snapshot_state();
+    json_reply(
+        StatusCode::OK,
+        &serde_json::to_value(s).unwrap_or(Value::Null),
+    )
+}
+
+async fn api(
+    State(inner): State<Arc<Inner>>,
+    Path((category, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let handler = format!("{category}/{action}");
+    *lock(&inner.calls).entry(handler.clone()).or_insert(0) += 1;
+
+    let allowed = match lock(&inner.bucket).as_mut() {
+        Some(b) => b.try_take(Instant::now()),
+        None => true,
+    };
+    if !allowed {
+        return failure(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT_ERROR);
+    }
+    let latency = *lock(&inner.latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (fault, hold) = {
+        let mut f = lock(&inner.faults);
+        (f.draw(), f.timeout)
+    };
+    if let Some(kind) = fault {
+        tracing::debug!(handler = %handler, fault = ?kind, "sim: injecting a fault");
+    }
+    match fault {
+        Some(FaultKind::Http500) => return text(StatusCode::INTERNAL_SERVER_ERROR),
+        Some(FaultKind::Http503) => return text(StatusCode::SERVICE_UNAVAILABLE),
+        Some(FaultKind::Http429) => {
+            return failure(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT_ERROR);
+        }
+        Some(FaultKind::Transient) => return failure(StatusCode::OK, TRANSIENT_ERROR),
+        Some(FaultKind::Timeout) => {
+            let mut stop = inner.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(hold) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            return text(StatusCode::GATEWAY_TIMEOUT);
+        }
+        Some(FaultKind::LostReply) | None => {}
+    }
+    let reply = handle(inner, &category, &action, handler, &body).await;
+    if fault == Some(FaultKind::LostReply) {
+        return text(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    reply
+}
+
+/// Authenticate and run one request.
+async fn handle(
+    inner: Arc<Inner>,
+    category: &str,
+    action: &str,
+    handler: String,
+    body: &[u8],
+) -> Response {
+    let form = parse_form(body);
+    let (Some(req), Some(sig), Some(nonce)) =
+        (form.get("req"), form.get("signature"), form.get("nonce"))
+    else {
+        return failure(StatusCode::OK, AUTH_ERROR);
+    };
+    let params = match parse_req(req) {
+        Some(p) => p,
+        None => return failure(StatusCode::OK, "invalid request: req is not a JSON object"),
+    };
+    let partial: String = inner.api_key.chars().take(64).collect();
+    let signed_path = format!("{category}/{action}/");
+    let authentic = params.0.get("api_id") == Some(&inner.api_id)
+        && params.0.get("api_partialkey") == Some(&partial)
+        && sign::verify(&inner.api_key, &signed_path, req, nonce, sig);
+    if !authentic {
+        return failure(StatusCode::OK, AUTH_ERROR);
+    }
+    let work = inner.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut world = lock(&work.world);
+        actions::execute(&mut world, Instant::now(), &handler, &params)
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => json_reply(StatusCode::OK, &v),
+        Ok(Err(e)) => failure(StatusCode::OK, &e.0),
+        Err(e) => {
+            tracing::error!(error = %e, "sim: action panicked");
+            text(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+/// The `req` JSON object, with every value as a string (numbers and booleans converted).
+pub fn parse_req(req: &str) -> Option<Params> {
+    let Value::Object(map) = serde_json::from_str::<Value>(req).ok()? else {
+        return None;
+    };
+    let mut out = HashMap::new();
+    for (k, v) in map {
+        let s = match v {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => (if b { "1" } else { "" }).to_string(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        out.insert(k, s);
+    }
+    Some(Params(out))
+}
+
+/// Parse `application/x-www-form-urlencoded` (the last value of a repeated key wins).
+pub fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    body.split(|b| *b == b'&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let mut it = kv.splitn(2, |b| *b == b'=');
+            let k = decode(it.next().unwrap_or_default());
+            let v = decode(it.next().unwrap_or_default());
+            (k, v)
+        })
+        .collect()
+}
+
+fn decode(s: &[u8]) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                match (
+                    s.get(i + 1).copied().and_then(hex),
+                    s.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push(h << 4 | l);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_decoding() {
+        let f = parse_form(b"req=%7B%22a%22%3A%22b+c%22%7D&signature=ab&nonce=12&x=%zz&y=%4");
+        assert_eq!(f["req"], r#"{"a":"b c"}"#);
+        assert_eq!(f["signature"], "ab");
+        assert_eq!(f["nonce"], "12");
+        assert_eq!(f["x"], "%zz");
+        assert_eq!(f["y"], "%4");
+        assert!(parse_form(b"").is_empty());
+        assert_eq!(parse_form(b"a=%41")["a"], "A");
+    }
+
+    #[test]
+    fn req_values_become_strings() {
+        let p = parse_req(r#"{"size":10,"label":"x","flag":true,"n":null}"#).unwrap();
+        assert_eq!(p.0["size"], "10");
+        assert_eq!(p.0["label"], "x");
+        assert_eq!(p.0["flag"], "1");
+        assert_eq!(p.opt("n"), None);
+        assert!(parse_req("[1]").is_none());
+        assert!(parse_req("nope").is_none());
+    }
+}

@@ -1,0 +1,1022 @@
+//! The simulator over real HTTP (memory backing), with a tiny signed-request client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use lunanode_csi::lunanode::ApiError;
+use lunanode_csi::sim::{FaultKind, SimConfig, SimHandle, VmSpec};
+use serde_json::{Value, json};
+use sha2::Sha512;
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    id: String,
+    key: String,
+    nonce: AtomicU64,
+}
+
+/// One reply: HTTP status and the body (JSON if it parses, else a string).
+#[derive(Debug, Clone, PartialEq)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Reply {
+    fn ok(&self) -> bool {
+        self.status == 200 && self.body["success"] == "yes"
+    }
+    #[track_caller]
+    fn expect_ok(self) -> Value {
+        assert!(self.ok(), "expected success, got {self:?}");
+        self.body
+    }
+    #[track_caller]
+    fn expect_err(&self) -> String {
+        assert_eq!(self.status, 200, "{self:?}");
+        assert_eq!(self.body["success"], "no", "{self:?}");
+        self.body["error"].as_str().expect("error text").to_string()
+    }
+}
+
+fn sign(key: &str, handler: &str, req: &str, nonce: &str) -> String {
+    let mut mac = Hmac::<Sha512>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(format!("{handler}|{req}|{nonce}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+impl Api {
+    fn new(h: &SimHandle) -> Self {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            url: h.url.clone(),
+            id: h.api_id.clone(),
+            key: h.api_key.clone(),
+            nonce: AtomicU64::new(1_700_000_000),
+        }
+    }
+
+    fn req_json(&self, params: &[(&str, &str)]) -> String {
+        let mut m = serde_json::Map::new();
+        for (k, v) in params {
+            m.insert(k.to_string(), json!(v));
+        }
+        m.insert("api_id".into(), json!(self.id));
+        m.insert("api_partialkey".into(), json!(&self.key[..64]));
+        Value::Object(m).to_string()
+    }
+
+    async fn post(&self, handler: &str, req: &str, signature: &str, nonce: &str) -> Reply {
+        let resp = self
+            .http
+            .post(format!("{}{handler}/", self.url))
+            .form(&[
+                ("req", req),
+                ("signature", signature),
+                ("nonce", nonce),
+                ("handler", &format!("{handler}/")),
+            ])
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    async fn call(&self, handler: &str, params: &[(&str, &str)]) -> Reply {
+        let req = self.req_json(params);
+        let nonce = self.nonce.fetch_add(1, Ordering::SeqCst).to_string();
+        let sig = sign(&self.key, &format!("{handler}/"), &req, &nonce);
+        self.post(handler, &req, &sig, &nonce).await
+    }
+
+    async fn create(&self, region: &str, label: &str, size: &str) -> String {
+        let b = self
+            .call(
+                "volume/create",
+                &[("region", region), ("label", label), ("size", size)],
+            )
+            .await
+            .expect_ok();
+        b["volume_id"].as_str().unwrap().to_string()
+    }
+}
+
+async fn sim(cfg: SimConfig) -> (SimHandle, Api) {
+    let h = SimHandle::start(cfg).await.expect("simulator starts");
+    let api = Api::new(&h);
+    (h, api)
+}
+
+fn two_regions() -> SimConfig {
+    SimConfig {
+        vms: vec![
+            VmSpec {
+                region: "toronto".into(),
+                name: Some("node-a".into()),
+            },
+            VmSpec {
+                region: "montreal".into(),
+                name: None,
+            },
+        ],
+        ..SimConfig::default()
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum K {
+    NotFound,
+    Invalid,
+    State,
+}
+
+#[track_caller]
+fn kind(handler: &str, msg: &str) -> K {
+    match ApiError::from_cloud_message(handler, msg) {
+        ApiError::NotFound { .. } => K::NotFound,
+        ApiError::InvalidArgument { .. } => K::Invalid,
+        ApiError::WrongState { .. } => K::State,
+        other => panic!("{msg:?} classified as {other:?}"),
+    }
+}
+
+fn assert_str_fields(v: &Value, keys: &[&str]) {
+    for k in keys {
+        assert!(v[k].is_string(), "field {k} missing or not a string in {v}");
+    }
+}
+
+#[tokio::test]
+async fn every_action_has_the_reference_shape() {
+    let (h, api) = sim(two_regions()).await;
+    let vm = h.vms[0].id.clone();
+
+    let vms = api.call("vm/list", &[]).await.expect_ok();
+    let list = vms["vms"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_str_fields(
+        &list[0],
+        &[
+            "vm_id",
+            "name",
+            "hostname",
+            "primaryip",
+            "privateip",
+            "region",
+        ],
+    );
+    assert_eq!(list[0]["vm_id"], vm.as_str());
+    assert_eq!(list[0]["name"], "node-a");
+    let info = api.call("vm/info", &[("vm_id", &vm)]).await.expect_ok();
+    assert_eq!(info["info"]["status_raw"], "active");
+    assert_eq!(info["extra"]["vm_id"], vm.as_str());
+    assert_eq!(info["extra"]["region"], "toronto");
+    assert_str_fields(&info["extra"], &["vm_id", "name", "hostname", "region"]);
+
+    let created = api
+        .call(
+            "volume/create",
+            &[("region", "toronto"), ("label", "myvolume"), ("size", "2")],
+        )
+        .await
+        .expect_ok();
+    let id = created["volume_id"].as_str().unwrap().to_string();
+    assert!(id.parse::<u64>().is_ok());
+
+    let vols = api.call("volume/list", &[]).await.expect_ok();
+    let v = &vols["volumes"][0];
+    assert_str_fields(
+        v,
+        &[
+            "id",
+            "identification",
+            "name",
+            "region",
+            "size",
+            "status",
+            "time_created",
+            "user_id",
+            "attached",
+        ],
+    );
+    assert_eq!(
+        (v["id"].as_str(), v["name"].as_str(), v["size"].as_str()),
+        (Some(id.as_str()), Some("myvolume"), Some("2"))
+    );
+    let ident = v["identification"].as_str().unwrap().to_string();
+    assert_eq!(ident.len(), 36);
+    let in_mtl = api
+        .call("volume/list", &[("region", "montreal")])
+        .await
+        .expect_ok();
+    assert_eq!(in_mtl["volumes"].as_array().unwrap().len(), 0);
+
+    let info = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    let vi = &info["volume"];
+    assert_str_fields(
+        vi,
+        &[
+            "attached",
+            "created",
+            "id",
+            "identification",
+            "name",
+            "size",
+            "status",
+            "region",
+        ],
+    );
+    assert_eq!(
+        (vi["status"].as_str(), vi["attached"].as_str()),
+        (Some("available"), Some(""))
+    );
+
+    api.call(
+        "volume/attach",
+        &[("volume_id", &id), ("vm_id", &vm), ("target", "auto")],
+    )
+    .await
+    .expect_ok();
+    let vi = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok()["volume"]
+        .clone();
+    assert_eq!(
+        (vi["status"].as_str(), vi["attached"].as_str()),
+        (Some("in-use"), Some(vm.as_str()))
+    );
+    let st = h.state();
+    assert_eq!(st.volumes[0].attached.as_deref(), Some(vm.as_str()));
+    assert_eq!(st.volumes[0].device, None, "memory backing has no devices");
+
+    let snap = api
+        .call(
+            "volume/snapshot-create",
+            &[("volume_id", &id), ("label", "myvolsnapshot")],
+        )
+        .await
+        .expect_ok();
+    let sid = snap["snapshot_id"].as_str().unwrap().to_string();
+    assert!(uuid::Uuid::parse_str(&sid).is_ok());
+
+    api.call("volume/detach", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    api.call("volume/extend", &[("volume_id", &id), ("size", "3")])
+        .await
+        .expect_ok();
+    api.call(
+        "volume/rename",
+        &[("volume_id", &id), ("name", "myvolume2")],
+    )
+    .await
+    .expect_ok();
+    let vi = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok()["volume"]
+        .clone();
+    assert_eq!(
+        (
+            vi["size"].as_str(),
+            vi["name"].as_str(),
+            vi["attached"].as_str()
+        ),
+        (Some("3"), Some("myvolume2"), Some(""))
+    );
+
+    let snaps = api
+        .call("volume/snapshot-list", &[("region", "toronto")])
+        .await
+        .expect_ok();
+    let s = &snaps["snapshots"][0];
+    assert_str_fields(s, &["id", "name", "region", "size", "status", "user_id"]);
+    assert_eq!(
+        (s["id"].as_str(), s["size"].as_str(), s["status"].as_str()),
+        (Some(sid.as_str()), Some("2"), Some("available"))
+    );
+    assert_str_fields(
+        &s["volume"],
+        &[
+            "id",
+            "identification",
+            "name",
+            "region",
+            "size",
+            "status",
+            "time_created",
+            "user_id",
+        ],
+    );
+    assert_eq!(s["volume"]["identification"], ident.as_str());
+
+    let rep = api
+        .call(
+            "volume/snapshot-replicate",
+            &[
+                ("region", "toronto"),
+                ("snapshot_id", &sid),
+                ("image_name", "img"),
+                ("dst_region", "roubaix"),
+            ],
+        )
+        .await
+        .expect_ok();
+    let image = rep["image_id"].as_str().unwrap().to_string();
+    assert!(image.parse::<u64>().is_ok());
+    let imgs = api
+        .call("image/list", &[("region", "roubaix")])
+        .await
+        .expect_ok();
+    let i = &imgs["images"][0];
+    assert_str_fields(i, &["image_id", "name", "region", "status"]);
+    assert_eq!(
+        (i["image_id"].as_str(), i["status"].as_str()),
+        (Some(image.as_str()), Some("active"))
+    );
+    assert_eq!(
+        api.call("image/list", &[]).await.expect_ok()["images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let from_img = api
+        .call(
+            "volume/create",
+            &[
+                ("region", "roubaix"),
+                ("label", "c"),
+                ("size", "2"),
+                ("image", &image),
+            ],
+        )
+        .await
+        .expect_ok();
+    let from_snap = api
+        .call(
+            "volume/create",
+            &[
+                ("region", "toronto"),
+                ("label", "d"),
+                ("size", "2"),
+                ("snapshot_id", &sid),
+            ],
+        )
+        .await
+        .expect_ok();
+    assert_ne!(from_img["volume_id"], from_snap["volume_id"]);
+
+    api.call("image/delete", &[("image_id", &image)])
+        .await
+        .expect_ok();
+    api.call(
+        "volume/snapshot-delete",
+        &[("region", "toronto"), ("snapshot_id", &sid)],
+    )
+    .await
+    .expect_ok();
+    api.call("volume/delete", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    let st = h.state();
+    assert_eq!(
+        (st.volumes.len(), st.snapshots.len(), st.images.len()),
+        (2, 0, 0)
+    );
+    assert_eq!(st.calls["volume/create"], 3);
+    assert_eq!(st.calls["volume/info"], 3);
+
+    // The same state over HTTP, without authentication.
+    let text = reqwest::get(format!("http://{}/_sim/state", h.addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let raw: lunanode_csi::sim::SimState = serde_json::from_str(&text).unwrap();
+    assert_eq!(raw, h.state());
+    h.reset_counters();
+    assert!(h.state().calls.is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_rule_refuses_with_a_classifiable_error() {
+    let (h, api) = sim(two_regions()).await;
+    let (tor, mtl) = (h.vms[0].id.clone(), h.vms[1].id.clone());
+    let id = api.create("toronto", "v", "2").await;
+
+    let check = |r: Reply, handler: &str, want: K, needle: &str| {
+        let msg = r.expect_err();
+        assert_eq!(kind(handler, &msg), want, "{handler}: {msg}");
+        assert!(msg.contains(needle), "{handler}: {msg:?} lacks {needle:?}");
+    };
+    // Invalid arguments.
+    check(
+        api.call(
+            "volume/create",
+            &[("region", "paris"), ("label", "a"), ("size", "1")],
+        )
+        .await,
+        "volume/create",
+        K::Invalid,
+        "unknown region",
+    );
+    for size in ["0", "-3", "1.5", "big"] {
+        check(
+            api.call(
+                "volume/create",
+                &[("region", "toronto"), ("label", "a"), ("size", size)],
+            )
+            .await,
+            "volume/create",
+            K::Invalid,
+            "invalid size",
+        );
+    }
+    check(
+        api.call("volume/create", &[("label", "a"), ("size", "1")])
+            .await,
+        "volume/create",
+        K::Invalid,
+        "region not set",
+    );
+    check(
+        api.call("volume/extend", &[("volume_id", &id), ("size", "2")])
+            .await,
+        "volume/extend",
+        K::Invalid,
+        "invalid size",
+    );
+    check(
+        api.call("volume/extend", &[("volume_id", &id), ("size", "1")])
+            .await,
+        "volume/extend",
+        K::Invalid,
+        "invalid size",
+    );
+    check(
+        api.call(
+            "volume/attach",
+            &[("volume_id", &id), ("vm_id", &mtl), ("target", "auto")],
+        )
+        .await,
+        "volume/attach",
+        K::Invalid,
+        "region",
+    );
+    check(
+        api.call("volume/snapshot-list", &[("region", "atlantis")])
+            .await,
+        "volume/snapshot-list",
+        K::Invalid,
+        "unknown region",
+    );
+    // Not found.
+    check(
+        api.call("volume/info", &[("volume_id", "999")]).await,
+        "volume/info",
+        K::NotFound,
+        "volume 999 not found",
+    );
+    check(
+        api.call(
+            "volume/attach",
+            &[("volume_id", &id), ("vm_id", "nope"), ("target", "auto")],
+        )
+        .await,
+        "volume/attach",
+        K::NotFound,
+        "invalid vm",
+    );
+    check(
+        api.call("vm/info", &[("vm_id", "nope")]).await,
+        "vm/info",
+        K::NotFound,
+        "vm",
+    );
+    check(
+        api.call("image/delete", &[("image_id", "5")]).await,
+        "image/delete",
+        K::NotFound,
+        "not found",
+    );
+    // Wrong state.
+    check(
+        api.call("volume/detach", &[("volume_id", &id)]).await,
+        "volume/detach",
+        K::State,
+        &format!("volume {id} is not attached"),
+    );
+    api.call(
+        "volume/attach",
+        &[("volume_id", &id), ("vm_id", &tor), ("target", "auto")],
+    )
+    .await
+    .expect_ok();
+    check(
+        api.call(
+            "volume/attach",
+            &[("volume_id", &id), ("vm_id", &tor), ("target", "auto")],
+        )
+        .await,
+        "volume/attach",
+        K::State,
+        &format!("volume {id} is already attached to vm {tor}"),
+    );
+    check(
+        api.call("volume/delete", &[("volume_id", &id)]).await,
+        "volume/delete",
+        K::State,
+        &format!("volume {id} is attached to vm {tor}; detach it first"),
+    );
+    check(
+        api.call("volume/extend", &[("volume_id", &id), ("size", "5")])
+            .await,
+        "volume/extend",
+        K::State,
+        "attached",
+    );
+    // Snapshots and images live in one region.
+    let sid = api
+        .call(
+            "volume/snapshot-create",
+            &[("volume_id", &id), ("label", "s")],
+        )
+        .await
+        .expect_ok()["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mtl_list = api
+        .call("volume/snapshot-list", &[("region", "montreal")])
+        .await
+        .expect_ok();
+    assert!(mtl_list["snapshots"].as_array().unwrap().is_empty());
+    check(
+        api.call(
+            "volume/snapshot-delete",
+            &[("region", "montreal"), ("snapshot_id", &sid)],
+        )
+        .await,
+        "volume/snapshot-delete",
+        K::NotFound,
+        &sid,
+    );
+    check(
+        api.call(
+            "volume/create",
+            &[
+                ("region", "montreal"),
+                ("label", "a"),
+                ("size", "2"),
+                ("snapshot_id", &sid),
+            ],
+        )
+        .await,
+        "volume/create",
+        K::Invalid,
+        "region",
+    );
+    check(
+        api.call(
+            "volume/create",
+            &[
+                ("region", "toronto"),
+                ("label", "a"),
+                ("size", "1"),
+                ("snapshot_id", &sid),
+            ],
+        )
+        .await,
+        "volume/create",
+        K::Invalid,
+        "invalid size",
+    );
+    let img = api
+        .call(
+            "volume/snapshot-replicate",
+            &[
+                ("region", "toronto"),
+                ("snapshot_id", &sid),
+                ("image_name", "i"),
+                ("dst_region", "roubaix"),
+            ],
+        )
+        .await
+        .expect_ok()["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    check(
+        api.call(
+            "volume/create",
+            &[
+                ("region", "toronto"),
+                ("label", "a"),
+                ("size", "2"),
+                ("image", &img),
+            ],
+        )
+        .await,
+        "volume/create",
+        K::Invalid,
+        "region",
+    );
+    check(
+        api.call(
+            "volume/create",
+            &[
+                ("region", "roubaix"),
+                ("label", "a"),
+                ("size", "1"),
+                ("image", &img),
+            ],
+        )
+        .await,
+        "volume/create",
+        K::Invalid,
+        "invalid size",
+    );
+    // Delete with snapshots is allowed by default.
+    api.call("volume/detach", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    api.call("volume/delete", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    // Unknown action.
+    let r = api.call("volume/teleport", &[("volume_id", "1")]).await;
+    assert_eq!(r.expect_err(), "unknown action");
+    assert_eq!(h.state().calls["volume/teleport"], 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_with_snapshots_can_be_refused() {
+    let (h, api) = sim(SimConfig {
+        refuse_delete_with_snapshots: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let id = api.create("toronto", "v", "1").await;
+    let sid = api
+        .call(
+            "volume/snapshot-create",
+            &[("volume_id", &id), ("label", "s")],
+        )
+        .await
+        .expect_ok()["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let msg = api
+        .call("volume/delete", &[("volume_id", &id)])
+        .await
+        .expect_err();
+    assert_eq!(kind("volume/delete", &msg), K::State, "{msg}");
+    api.call(
+        "volume/snapshot-delete",
+        &[("region", "toronto"), ("snapshot_id", &sid)],
+    )
+    .await
+    .expect_ok();
+    api.call("volume/delete", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_and_credentials_are_refused() {
+    let (h, api) = sim(SimConfig::default()).await;
+    let auth = |r: Reply| {
+        let msg = r.expect_err();
+        assert_eq!(msg, "authentication failed: invalid signature");
+        assert!(matches!(
+            ApiError::from_cloud_message("x", &msg),
+            ApiError::Auth { .. }
+        ));
+    };
+    let req = api.req_json(&[("region", "toronto"), ("label", "x"), ("size", "1")]);
+    let good = sign(&api.key, "volume/create/", &req, "100");
+    // Wrong signature, wrong nonce, wrong handler, tampered req.
+    auth(
+        api.post("volume/create", &req, &"0".repeat(128), "100")
+            .await,
+    );
+    auth(api.post("volume/create", &req, &good, "101").await);
+    auth(api.post("volume/list", &req, &good, "100").await);
+    let tampered = req.replace("\"size\":\"1\"", "\"size\":\"2\"");
+    auth(api.post("volume/create", &tampered, &good, "100").await);
+    // Wrong key, wrong ID.
+    let other_key = "k".repeat(128);
+    auth(
+        api.post(
+            "volume/create",
+            &req,
+            &sign(&other_key, "volume/create/", &req, "100"),
+            "100",
+        )
+        .await,
+    );
+    let bad_id = req.replace(&api.id, "AAAAAAAAAAAAAAAA");
+    auth(
+        api.post(
+            "volume/create",
+            &bad_id,
+            &sign(&api.key, "volume/create/", &bad_id, "100"),
+            "100",
+        )
+        .await,
+    );
+    assert!(h.state().volumes.is_empty());
+    assert_eq!(h.state().calls["volume/create"], 5);
+    assert_eq!(h.state().calls["volume/list"], 1);
+    // The right one works.
+    api.post("volume/create", &req, &good, "100")
+        .await
+        .expect_ok();
+    assert_eq!(h.state().volumes.len(), 1);
+    h.shutdown().await;
+}
+
+/// What a client sees for one call, reduced to compare runs.
+fn outcome(r: &Reply) -> String {
+    match (r.status, r.body.get("success").and_then(Value::as_str)) {
+        (200, Some("yes")) => "ok".into(),
+        (s, _) => format!(
+            "{s}:{}",
+            r.body.get("error").and_then(Value::as_str).unwrap_or("-")
+        ),
+    }
+}
+
+#[tokio::test]
+async fn faults_are_deterministic_for_a_seed() {
+    async fn run(seed: u64) -> (Vec<String>, usize) {
+        let (h, api) = sim(SimConfig {
+            seed,
+            fault_rate: 0.5,
+            ..SimConfig::default()
+        })
+        .await;
+        h.set_fault_timeout(Duration::from_millis(20));
+        let mut seen = Vec::new();
+        for i in 0..40 {
+            let r = api
+                .call(
+                    "volume/create",
+                    &[
+                        ("region", "toronto"),
+                        ("label", &format!("v{i}")),
+                        ("size", "1"),
+                    ],
+                )
+                .await;
+            seen.push(outcome(&r));
+        }
+        let n = h.state().volumes.len();
+        h.shutdown().await;
+        (seen, n)
+    }
+    let (a, na) = run(11).await;
+    let (b, nb) = run(11).await;
+    assert_eq!(a, b);
+    assert_eq!(na, nb);
+    let (c, _) = run(12).await;
+    assert_ne!(a, c);
+    for want in [
+        "ok",
+        "500:-",
+        "503:-",
+        "504:-",
+        "429:rate limit exceeded",
+        "200:temporarily unavailable, try again",
+    ] {
+        assert!(a.contains(&want.to_string()), "{want} never seen in {a:?}");
+    }
+    // Lost replies applied their creates: more volumes than successes.
+    let oks = a.iter().filter(|o| *o == "ok").count();
+    assert!(na > oks, "volumes {na}, successes {oks}");
+}
+
+#[tokio::test]
+async fn a_lost_reply_still_applies_the_action() {
+    let (h, api) = sim(SimConfig::default()).await;
+    h.set_fault_kinds(&[FaultKind::LostReply]);
+    h.set_fault_rate(1.0);
+    let r = api
+        .call(
+            "volume/create",
+            &[("region", "toronto"), ("label", "ghost"), ("size", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    h.set_fault_rate(0.0);
+    let vols = api.call("volume/list", &[]).await.expect_ok();
+    assert_eq!(vols["volumes"][0]["name"], "ghost");
+    assert_eq!(h.state().calls["volume/create"], 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn other_faults_do_not_apply_the_action() {
+    let (h, api) = sim(SimConfig::default()).await;
+    h.set_fault_rate(1.0);
+    h.set_fault_timeout(Duration::from_millis(200));
+    for (k, status) in [
+        (FaultKind::Http500, 500),
+        (FaultKind::Http503, 503),
+        (FaultKind::Http429, 429),
+        (FaultKind::Transient, 200),
+        (FaultKind::Timeout, 504),
+    ] {
+        h.set_fault_kinds(&[k]);
+        let t = Instant::now();
+        let r = api
+            .call(
+                "volume/create",
+                &[("region", "toronto"), ("label", "x"), ("size", "1")],
+            )
+            .await;
+        assert_eq!(r.status, status, "{k:?}");
+        if k == FaultKind::Timeout {
+            assert!(t.elapsed() >= Duration::from_millis(200));
+        }
+        if k == FaultKind::Transient {
+            let msg = r.expect_err();
+            assert!(matches!(
+                ApiError::from_cloud_message("x", &msg),
+                ApiError::Transient { .. }
+            ));
+        }
+    }
+    assert!(h.state().volumes.is_empty());
+    assert_eq!(h.state().calls["volume/create"], 5);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429() {
+    let (h, api) = sim(SimConfig {
+        rate_limit_qps: Some(3.0),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut limited = 0;
+    for _ in 0..10 {
+        let r = api.call("vm/list", &[]).await;
+        if r.status == 429 {
+            assert_eq!(
+                r.body,
+                json!({"success": "no", "error": "rate limit exceeded"})
+            );
+            limited += 1;
+        } else {
+            r.expect_ok();
+        }
+    }
+    assert!(limited >= 5, "only {limited} limited");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    api.call("vm/list", &[]).await.expect_ok();
+    assert_eq!(h.state().calls["vm/list"], 11);
+    h.set_rate_limit_qps(None);
+    for _ in 0..10 {
+        api.call("vm/list", &[]).await.expect_ok();
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn transitions_and_latency_take_time() {
+    let (h, api) = sim(SimConfig {
+        transition: Duration::from_millis(300),
+        latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await;
+    let vm = h.vms[0].id.clone();
+    let t = Instant::now();
+    let id = api.create("toronto", "v", "1").await;
+    assert!(t.elapsed() >= Duration::from_millis(50));
+    let status = |b: Value| b["volume"]["status"].as_str().unwrap().to_string();
+    assert_eq!(
+        status(
+            api.call("volume/info", &[("volume_id", &id)])
+                .await
+                .expect_ok()
+        ),
+        "creating"
+    );
+    let msg = api
+        .call(
+            "volume/attach",
+            &[("volume_id", &id), ("vm_id", &vm), ("target", "auto")],
+        )
+        .await
+        .expect_err();
+    assert_eq!(kind("volume/attach", &msg), K::State);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        status(
+            api.call("volume/info", &[("volume_id", &id)])
+                .await
+                .expect_ok()
+        ),
+        "available"
+    );
+    api.call(
+        "volume/attach",
+        &[("volume_id", &id), ("vm_id", &vm), ("target", "auto")],
+    )
+    .await
+    .expect_ok();
+    let b = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    assert_eq!(
+        (
+            b["volume"]["status"].as_str(),
+            b["volume"]["attached"].as_str()
+        ),
+        (Some("attaching"), Some(""))
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let b = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    assert_eq!(
+        (
+            b["volume"]["status"].as_str(),
+            b["volume"]["attached"].as_str()
+        ),
+        (Some("in-use"), Some(vm.as_str()))
+    );
+    api.call("volume/detach", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    assert_eq!(
+        status(
+            api.call("volume/info", &[("volume_id", &id)])
+                .await
+                .expect_ok()
+        ),
+        "detaching"
+    );
+    let sid = api
+        .call(
+            "volume/snapshot-create",
+            &[("volume_id", &id), ("label", "s")],
+        )
+        .await;
+    // A detaching volume cannot be snapshotted.
+    assert_eq!(kind("x", &sid.expect_err()), K::State);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let b = api
+        .call("volume/info", &[("volume_id", &id)])
+        .await
+        .expect_ok();
+    assert_eq!(
+        (
+            b["volume"]["status"].as_str(),
+            b["volume"]["attached"].as_str()
+        ),
+        (Some("available"), Some(""))
+    );
+    let sid = api
+        .call(
+            "volume/snapshot-create",
+            &[("volume_id", &id), ("label", "s")],
+        )
+        .await
+        .expect_ok()["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let snaps = api
+        .call("volume/snapshot-list", &[("region", "toronto")])
+        .await
+        .expect_ok();
+    assert_eq!(snaps["snapshots"][0]["status"], "pending");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let _ = sid;
+    assert_eq!(h.state().snapshots[0].status, "available");
+    h.shutdown().await;
+}
