@@ -318,7 +318,12 @@ fn stage_mount(
     }
 
     match probe::probe(&dev.path)? {
-        Probe::Filesystem(found) if found == fs_type => {}
+        Probe::Filesystem(found) if found == fs_type => {
+            // An offline expansion: grow ext4 while it is still unmounted.
+            if fs_type == "ext4" && !read_only {
+                resize::grow_ext4_offline(&dev.path)?;
+            }
+        }
         Probe::Filesystem(found) => {
             return Err(VolumeError::ForeignFilesystem {
                 device: dev.path.clone(),

@@ -94,7 +94,21 @@ pub fn report(fs_type: &str, device: &Path, mount_point: &Path) -> Result<SizeRe
 pub fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<(), VolumeError> {
     tracing::info!(device = %device.display(), mount_point = %mount_point.display(), fs_type, "growing filesystem");
     match fs_type {
-        "ext4" | "ext3" | "ext2" => cmd::run_ok("resize2fs", [device.as_os_str()]).map(drop),
+        "ext4" | "ext3" | "ext2" => {
+            let out = cmd::run("resize2fs", [device.as_os_str()])?;
+            if out.code == Some(0) {
+                return Ok(());
+            }
+            let mut err = out.error("resize2fs");
+            if let VolumeError::Command { stderr, .. } = &mut err
+                && stderr.contains("Permission denied")
+            {
+                stderr.push_str(
+                    " (online ext4 resize needs CAP_SYS_RESOURCE: run the node plugin privileged)",
+                );
+            }
+            Err(err)
+        }
         "xfs" => cmd::run_ok("xfs_growfs", [mount_point.as_os_str()]).map(drop),
         other => Err(unsupported(other)),
     }
@@ -113,6 +127,46 @@ pub fn grow_if_needed(
     grow(fs_type, device, mount_point)?;
     let after = report(fs_type, device, mount_point)?;
     tracing::info!(device = %device.display(), before = before.fs_bytes, after = after.fs_bytes, device_bytes = after.device_bytes, "filesystem grown");
+    Ok(after)
+}
+
+/// Whether a filesystem on this device is mounted anywhere in this mount namespace.
+fn mounted_anywhere(device: &Path) -> Result<bool, VolumeError> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(device)
+        .map_err(|e| VolumeError::io(format!("cannot stat {}", device.display()), e))?
+        .rdev();
+    Ok(super::mount::mounts()?.iter().any(|m| m.is_device(rdev)))
+}
+
+/// Grow an unmounted ext4 filesystem to fill its device, before it is mounted: how an
+/// offline expansion completes at the next stage. Only when growth is needed: first
+/// `e2fsck -f -p` (resize2fs requires a freshly checked filesystem; preen mode fixes only
+/// what is safe and fails otherwise), then `resize2fs DEVICE`. Refuses when the device is
+/// mounted anywhere. Returns the sizes afterwards.
+pub fn grow_ext4_offline(device: &Path) -> Result<SizeReport, VolumeError> {
+    let before = report("ext4", device, Path::new("/"))?;
+    if !before.needs_grow() {
+        return Ok(before);
+    }
+    if mounted_anywhere(device)? {
+        return Err(VolumeError::Busy {
+            path: device.to_path_buf(),
+            reason: "it is mounted; it can only be grown online".into(),
+        });
+    }
+    tracing::info!(device = %device.display(), fs_bytes = before.fs_bytes, device_bytes = before.device_bytes, "checking ext4 filesystem before growing it");
+    let fsck = cmd::run(
+        "e2fsck",
+        [OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()],
+    )?;
+    // 0: clean, 1: errors corrected. Anything else: do not touch it further.
+    if !matches!(fsck.code, Some(0) | Some(1)) {
+        return Err(fsck.error("e2fsck (check before growing; the filesystem was not resized)"));
+    }
+    cmd::run_ok("resize2fs", [device.as_os_str()])?;
+    let after = report("ext4", device, Path::new("/"))?;
+    tracing::info!(device = %device.display(), before = before.fs_bytes, after = after.fs_bytes, "filesystem grown offline");
     Ok(after)
 }
 
