@@ -196,7 +196,13 @@ impl Store {
         if fs::read_link(&a.link).is_ok_and(|t| t == a.device) {
             let _ = fs::remove_file(&a.link);
         }
-        run(&self.losetup, &["-d".as_ref(), a.device.as_os_str()]).map(|_| ())
+        run(&self.losetup, &["-d".as_ref(), a.device.as_os_str()])?;
+        // The kernel may tear the device down lazily (while something still has it open);
+        // wait a little so that "detached" means gone, as on a real VM.
+        if !wait_unbound(&a.device, std::time::Duration::from_secs(3)) {
+            tracing::warn!(device = %a.device.display(), "sim: loop device still bound after detach (in use?)");
+        }
+        Ok(())
     }
 
     pub fn extend(&mut self, id: u64, size_gb: u64) -> Result<(), String> {
@@ -249,6 +255,24 @@ impl Store {
                 tracing::warn!(volume = id, error = %e, "sim: cleanup could not detach");
             }
         }
+    }
+}
+
+/// Wait until a loop device has no backing file (true) or the time is up (false).
+fn wait_unbound(device: &Path, limit: std::time::Duration) -> bool {
+    let Some(name) = device.file_name() else {
+        return true;
+    };
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if !backing.exists() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

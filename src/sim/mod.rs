@@ -183,10 +183,19 @@ pub struct SimHandle {
     pub by_id_dir: PathBuf,
     addr: SocketAddr,
     state_dir: PathBuf,
-    owned_state_dir: bool,
+    inner: Arc<Inner>,
+    /// Stops the server and cleans up when dropped (kept apart so that `SimHandle` itself has
+    /// no `Drop` and its public fields can be moved out).
+    guard: Guard,
+}
+
+/// Owns the server task and the clean-up duty.
+struct Guard {
     inner: Arc<Inner>,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
+    /// The state dir, when the simulator made it (removed at the end).
+    owned_dir: Option<PathBuf>,
     cleaned: bool,
 }
 
@@ -414,19 +423,23 @@ impl SimHandle {
             backing: cfg.backing,
             by_id_dir,
             addr,
-            state_dir,
-            owned_state_dir,
-            inner,
-            stop,
-            server: Some(server),
-            cleaned: false,
+            state_dir: state_dir.clone(),
+            inner: inner.clone(),
+            guard: Guard {
+                inner,
+                stop,
+                server: Some(server),
+                owned_dir: owned_state_dir.then_some(state_dir),
+                cleaned: false,
+            },
         })
     }
 
     /// Stop serving and clean up loop devices and links.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(server) = self.server.take() {
+        let g = &mut self.guard;
+        let _ = g.stop.send(true);
+        if let Some(server) = g.server.take() {
             let abort = server.abort_handle();
             if tokio::time::timeout(Duration::from_secs(10), server)
                 .await
@@ -435,9 +448,9 @@ impl SimHandle {
                 abort.abort();
             }
         }
-        let inner = self.inner.clone();
-        let dir = self.owned_state_dir.then(|| self.state_dir.clone());
-        self.cleaned = true;
+        let inner = g.inner.clone();
+        let dir = g.owned_dir.clone();
+        g.cleaned = true;
         let _ = tokio::task::spawn_blocking(move || cleanup(&inner, dir.as_deref())).await;
     }
 
@@ -512,7 +525,7 @@ fn cleanup(inner: &Inner, owned_dir: Option<&Path>) {
     }
 }
 
-impl Drop for SimHandle {
+impl Drop for Guard {
     /// A handle dropped without [`SimHandle::shutdown`] (e.g. a failing test) still releases
     /// its loop devices, links and temporary files.
     fn drop(&mut self) {
@@ -523,10 +536,7 @@ impl Drop for SimHandle {
         if let Some(server) = self.server.take() {
             server.abort();
         }
-        cleanup(
-            &self.inner,
-            self.owned_state_dir.then_some(self.state_dir.as_path()),
-        );
+        cleanup(&self.inner, self.owned_dir.as_deref());
     }
 }
 
@@ -749,7 +759,10 @@ mod tests {
         .await
         .unwrap();
         assert_ne!(a.api_key, c.api_key);
-        drop(a);
+        // Public fields can be moved out (the handle has no Drop of its own); the rest is
+        // cleaned up when dropped.
+        let url = a.url;
+        assert!(url.ends_with("/api/"));
         b.shutdown().await;
         c.shutdown().await;
     }
