@@ -151,6 +151,12 @@ impl Fixture {
     }
 }
 
+impl Default for Fixture {
+    fn default() -> Self {
+        Fixture::new()
+    }
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         self.cleanup();

@@ -231,9 +231,10 @@ async fn info_and_capabilities_over_grpc() {
     let types: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     use node_service_capability::rpc::Type;
