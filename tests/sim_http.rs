@@ -874,7 +874,7 @@ async fn other_faults_do_not_apply_the_action() {
 #[tokio::test]
 async fn rate_limit_answers_429() {
     let (h, api) = sim(SimConfig {
-        rate_limit_qps: Some(3.0),
+        rate_limit_qps: Some(1.0),
         ..SimConfig::default()
     })
     .await;
@@ -892,7 +892,7 @@ async fn rate_limit_answers_429() {
         }
     }
     assert!(limited >= 5, "only {limited} limited");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     api.call("vm/list", &[]).await.expect_ok();
     assert_eq!(h.state().calls["vm/list"], 11);
     h.set_rate_limit_qps(None);
@@ -905,7 +905,7 @@ async fn rate_limit_answers_429() {
 #[tokio::test]
 async fn transitions_and_latency_take_time() {
     let (h, api) = sim(SimConfig {
-        transition: Duration::from_millis(300),
+        transition: Duration::from_millis(600),
         latency: Duration::from_millis(50),
         ..SimConfig::default()
     })
@@ -931,7 +931,7 @@ async fn transitions_and_latency_take_time() {
         .await
         .expect_err();
     assert_eq!(kind("volume/attach", &msg), K::State);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     assert_eq!(
         status(
             api.call("volume/info", &[("volume_id", &id)])
@@ -957,7 +957,7 @@ async fn transitions_and_latency_take_time() {
         ),
         (Some("attaching"), Some(""))
     );
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let b = api
         .call("volume/info", &[("volume_id", &id)])
         .await
@@ -988,7 +988,7 @@ async fn transitions_and_latency_take_time() {
         .await;
     // A detaching volume cannot be snapshotted.
     assert_eq!(kind("x", &sid.expect_err()), K::State);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let b = api
         .call("volume/info", &[("volume_id", &id)])
         .await
@@ -1015,7 +1015,7 @@ async fn transitions_and_latency_take_time() {
         .await
         .expect_ok();
     assert_eq!(snaps["snapshots"][0]["status"], "pending");
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let _ = sid;
     assert_eq!(h.state().snapshots[0].status, "available");
     h.shutdown().await;
