@@ -1,5 +1,6 @@
 //! The command line: `serve`, `sim`, and the operator commands.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -7,7 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::driver::IdentityService;
+use crate::driver::node_id::{DEFAULT_DMI_PATH, DEFAULT_METADATA_URL, resolve_node_id};
+use crate::driver::{
+    ControllerConfig, ControllerService, IdentityService, NodeConfig, NodeService,
+};
+use crate::lunanode::{Client, ClientConfig, Credentials};
 use crate::server::{self, Endpoint};
 use crate::telemetry::{self, LogFormat};
 
@@ -16,10 +21,21 @@ use crate::telemetry::{self, LogFormat};
 #[command(name = "lunanode-csi", version, about, propagate_version = true)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "LUNANODE_CSI_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "LUNANODE_CSI_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Log level or filter (e.g. `info`, `lunanode_csi=debug`); RUST_LOG wins when set.
-    #[arg(long, global = true, env = "LUNANODE_CSI_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "LUNANODE_CSI_LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
     #[command(subcommand)]
     pub command: Command,
@@ -57,6 +73,181 @@ pub struct ServeArgs {
     /// How long in-flight calls may run after SIGTERM before the process exits.
     #[arg(long, env = "LUNANODE_CSI_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Run the built-in Luna Node simulator in this process and use it instead of the cloud.
+    #[arg(long, env = "LUNANODE_CSI_SIM")]
+    pub sim: bool,
+    /// Simulator backing (default: loop when root with loop devices, else memory).
+    #[arg(long, env = "LUNANODE_CSI_SIM_BACKING", value_enum, requires = "sim")]
+    pub sim_backing: Option<crate::sim::Backing>,
+    /// Simulator state directory (default: a new temporary directory).
+    #[arg(long, env = "LUNANODE_CSI_SIM_STATE_DIR", requires = "sim")]
+    pub sim_state_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// How to reach the Luna Node API (shared by `serve` and the operator commands).
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Luna Node API base URL.
+    #[arg(long, env = "LUNANODE_API_URL", default_value = crate::lunanode::DEFAULT_BASE_URL)]
+    pub api_url: String,
+    /// File holding the API ID (e.g. a mounted Secret); else LUNANODE_API_ID.
+    #[arg(long, env = "LUNANODE_API_ID_FILE")]
+    pub api_id_file: Option<PathBuf>,
+    /// File holding the API key (e.g. a mounted Secret); else LUNANODE_API_KEY.
+    #[arg(long, env = "LUNANODE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Client-side rate limit for API requests, per second (0 = off).
+    #[arg(long, env = "LUNANODE_API_QPS", default_value_t = 10.0)]
+    pub qps: f64,
+    /// Requests allowed in a burst above the rate limit.
+    #[arg(long, env = "LUNANODE_API_BURST", default_value_t = 20)]
+    pub burst: u32,
+    /// Timeout of one API request, in seconds.
+    #[arg(long, env = "LUNANODE_API_TIMEOUT_SECS", default_value_t = 30)]
+    pub api_timeout_secs: u64,
+}
+
+impl ApiArgs {
+    /// Build a client from these settings and the credentials in the environment or files.
+    pub fn client(&self) -> Result<Client, CliError> {
+        let creds = Credentials::load(
+            self.api_id_file.as_deref(),
+            self.api_key_file.as_deref(),
+            std::env::var("LUNANODE_API_ID").ok().as_deref(),
+            std::env::var("LUNANODE_API_KEY").ok().as_deref(),
+        )
+        .map_err(|e| CliError::Config(e.to_string()))?;
+        self.client_with(creds, &self.api_url)
+    }
+
+    fn client_with(&self, creds: Credentials, url: &str) -> Result<Client, CliError> {
+        let mut cfg = ClientConfig::new(url, creds);
+        cfg.qps = self.qps;
+        cfg.burst = self.burst;
+        cfg.request_timeout = Duration::from_secs(self.api_timeout_secs.max(1));
+        Client::new(cfg).map_err(|e| CliError::Config(e.to_string()))
+    }
+}
+
+/// Controller settings.
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    /// Region for volumes whose StorageClass and topology name none.
+    #[arg(long, env = "LUNANODE_DEFAULT_REGION", default_value = "toronto")]
+    pub default_region: String,
+    /// Regions the driver manages (comma-separated).
+    #[arg(
+        long,
+        env = "LUNANODE_REGIONS",
+        value_delimiter = ',',
+        default_value = "toronto,montreal,roubaix"
+    )]
+    pub regions: Vec<String>,
+    /// Size of a volume requested without a capacity, in GB (2^30 bytes).
+    #[arg(long, env = "LUNANODE_DEFAULT_VOLUME_SIZE_GB", default_value_t = 10)]
+    pub default_volume_size_gb: u64,
+    /// Smallest volume the driver creates, in GB.
+    #[arg(long, env = "LUNANODE_MIN_VOLUME_SIZE_GB", default_value_t = 1)]
+    pub min_volume_size_gb: u64,
+    /// Largest volume the driver creates, in GB.
+    #[arg(long, env = "LUNANODE_MAX_VOLUME_SIZE_GB", default_value_t = 16_384)]
+    pub max_volume_size_gb: u64,
+}
+
+impl ControllerArgs {
+    fn config(&self) -> Result<ControllerConfig, CliError> {
+        if !self.regions.contains(&self.default_region) {
+            return Err(CliError::Config(format!(
+                "--default-region {} is not among --regions {}",
+                self.default_region,
+                self.regions.join(",")
+            )));
+        }
+        if self.min_volume_size_gb == 0 || self.min_volume_size_gb > self.max_volume_size_gb {
+            return Err(CliError::Config(
+                "volume size bounds must satisfy 1 <= min <= max".into(),
+            ));
+        }
+        Ok(ControllerConfig {
+            default_region: self.default_region.clone(),
+            regions: self.regions.clone(),
+            default_size_gb: self
+                .default_volume_size_gb
+                .clamp(self.min_volume_size_gb, self.max_volume_size_gb),
+            min_size_gb: self.min_volume_size_gb,
+            max_size_gb: self.max_volume_size_gb,
+            ..ControllerConfig::default()
+        })
+    }
+}
+
+/// Node settings.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// This node's Luna Node VM ID (default: from the metadata service, else SMBIOS UUID).
+    #[arg(long, env = "LUNANODE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// This node's region, reported as topology (default: asked from the cloud when
+    /// credentials are present).
+    #[arg(long, env = "LUNANODE_REGION")]
+    pub region: Option<String>,
+    /// Where udev puts the disk links.
+    #[arg(long, env = "LUNANODE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
+    pub by_id_dir: PathBuf,
+    /// Volumes this node can attach: virtio disk slots minus the boot disk.
+    #[arg(long, env = "LUNANODE_MAX_VOLUMES_PER_NODE", default_value_t = 15)]
+    pub max_volumes_per_node: i64,
+    /// How long NodeStageVolume waits for an attached disk to appear, in seconds.
+    #[arg(long, env = "LUNANODE_DEVICE_WAIT_SECS", default_value_t = 60)]
+    pub device_wait_secs: u64,
+}
+
+impl NodeArgs {
+    /// The node's identity and settings. The node ID comes from the flag, else the
+    /// metadata service, else SMBIOS; the region from the flag, else the cloud when a
+    /// client is available (the node itself needs no credentials).
+    async fn config(&self, client: Option<&Client>) -> Result<NodeConfig, CliError> {
+        let (node_id, source) = resolve_node_id(
+            self.node_id.clone(),
+            DEFAULT_METADATA_URL,
+            Path::new(DEFAULT_DMI_PATH),
+        )
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))?;
+        tracing::info!(node_id, source = %source, "node ID");
+        let region = match (&self.region, client) {
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(c)) => match c.vm_info(&node_id).await {
+                Ok(vm) if !vm.region.is_empty() => Some(vm.region),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot learn this node's region from the cloud; set --region");
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if region.is_none() {
+            tracing::warn!(
+                "node region unknown: volumes will not be placed by topology; set --region"
+            );
+        }
+        Ok(NodeConfig {
+            region,
+            by_id_dir: self.by_id_dir.clone(),
+            max_volumes_per_node: self.max_volumes_per_node,
+            device_wait: Duration::from_secs(self.device_wait_secs),
+            ..NodeConfig::new(node_id)
+        })
+    }
 }
 
 /// Parse arguments, run the command, and map failures to exit codes: 2 for bad
@@ -107,25 +298,133 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .endpoint
         .parse()
         .map_err(|e: server::ServeError| CliError::Config(e.to_string()))?;
+    let controller_on = matches!(args.mode, Mode::All | Mode::Controller);
+    let node_on = matches!(args.mode, Mode::All | Mode::Node);
+    let controller_cfg = args.controller.config()?;
+
+    // With --sim the cloud is a simulator in this process; its VM in toronto is this node.
+    let mut sim = None;
+    let mut sim_dir = None;
+    let mut node = args.node.clone();
+    let client = if args.sim {
+        let backing = args.sim_backing.unwrap_or(if crate::sim::loop_available() {
+            crate::sim::Backing::Loop
+        } else {
+            crate::sim::Backing::Memory
+        });
+        let (handle, owned_dir) = start_embedded_sim(backing, args.sim_state_dir.clone()).await?;
+        sim_dir = owned_dir;
+        tracing::info!(url = %handle.url, backing = ?handle.backing, "embedded Luna Node simulator started");
+        if handle.backing == crate::sim::Backing::Memory && node_on {
+            tracing::warn!(
+                "simulator backing is memory: volumes have no devices, so NodeStageVolume cannot find a disk; run as root with loop devices for the loop backing"
+            );
+        }
+        let vm = handle
+            .vms
+            .first()
+            .cloned()
+            .ok_or_else(|| CliError::Runtime("simulator started without a VM".into()))?;
+        node.node_id.get_or_insert(vm.id);
+        node.region.get_or_insert(vm.region);
+        node.by_id_dir = handle.by_id_dir.clone();
+        let creds = Credentials::new(&handle.api_id, &handle.api_key)
+            .map_err(|e| CliError::Runtime(e.to_string()))?;
+        let client = args.api.client_with(creds, &handle.url)?;
+        sim = Some(handle);
+        Some(client)
+    } else if controller_on {
+        Some(args.api.client()?)
+    } else {
+        None
+    };
+
     let ready = Arc::new(AtomicBool::new(false));
-    let controller = matches!(args.mode, Mode::All | Mode::Controller);
-    let identity = IdentityService::new(controller, ready.clone());
+    let identity = IdentityService::new(controller_on, ready.clone());
+    let controller = match (&client, controller_on) {
+        (Some(c), true) => Some(crate::csi::controller_server::ControllerServer::new(
+            ControllerService::new(c.clone(), controller_cfg),
+        )),
+        _ => None,
+    };
+    let node_service = if node_on {
+        let cfg = node.config(client.as_ref()).await?;
+        Some(crate::csi::node_server::NodeServer::new(
+            NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
     let router = tonic::transport::Server::builder()
-        .add_service(crate::csi::identity_server::IdentityServer::new(identity));
-    let listener = endpoint
-        .bind()
-        .map_err(|e| CliError::Config(e.to_string()))?;
+        .add_service(crate::csi::identity_server::IdentityServer::new(identity))
+        .add_optional_service(controller)
+        .add_optional_service(node_service);
+    let listener = match endpoint.bind() {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(s) = sim {
+                s.shutdown().await;
+            }
+            return Err(CliError::Config(e.to_string()));
+        }
+    };
     ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(endpoint = %endpoint.path().display(), mode = ?args.mode, version = crate::VERSION, "serving CSI");
-    server::serve(
+    let result = server::serve(
         router,
         &endpoint,
         listener,
         server::termination_signal(),
         Duration::from_secs(args.shutdown_grace_secs),
     )
-    .await
-    .map_err(|e| CliError::Runtime(e.to_string()))?;
+    .await;
+    if let Some(s) = sim {
+        s.shutdown().await;
+    }
+    if let Some(d) = sim_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    result.map_err(|e| CliError::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn start_embedded_sim(
+    backing: crate::sim::Backing,
+    state_dir: Option<PathBuf>,
+) -> Result<(crate::sim::SimHandle, Option<PathBuf>), CliError> {
+    // A state dir we create is ours to remove at exit; one the user named is kept.
+    let (state_dir, owned) = match state_dir {
+        Some(d) => (d, None),
+        None => {
+            let d = std::env::temp_dir().join(format!("lunanode-csi-sim-{}", std::process::id()));
+            (d.clone(), Some(d))
+        }
+    };
+    std::fs::create_dir_all(&state_dir).map_err(|e| {
+        CliError::Config(format!(
+            "cannot create simulator state dir {}: {e}",
+            state_dir.display()
+        ))
+    })?;
+    let cfg = crate::sim::SimConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        backing,
+        by_id_dir: state_dir.join("by-id"),
+        state_dir,
+        vms: vec![crate::sim::VmSpec {
+            region: "toronto".into(),
+            name: Some("node-1".into()),
+        }],
+        latency: Duration::ZERO,
+        transition: Duration::ZERO,
+        fault_rate: 0.0,
+        seed: 1,
+        refuse_delete_with_snapshots: false,
+        rate_limit_qps: None,
+    };
+    let handle = crate::sim::SimHandle::start(cfg)
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot start the simulator: {e}")))?;
+    Ok((handle, owned))
 }

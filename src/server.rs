@@ -80,7 +80,8 @@ impl Endpoint {
         }
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
-                fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+                fs::remove_file(path)
+                    .map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
             }
             Ok(_) => {
                 return Err(err(
@@ -168,10 +169,22 @@ mod tests {
         assert_eq!(e.path(), Path::new("/csi/csi.sock"));
         let e: Endpoint = "/tmp/x.sock".parse().unwrap();
         assert_eq!(e.path(), Path::new("/tmp/x.sock"));
-        assert!(matches!("tcp://1.2.3.4:5".parse::<Endpoint>(), Err(ServeError::BadScheme(_))));
-        assert!(matches!("unix://csi.sock".parse::<Endpoint>(), Err(ServeError::RelativePath(_))));
-        assert!(matches!("relative.sock".parse::<Endpoint>(), Err(ServeError::RelativePath(_))));
-        assert!(matches!("".parse::<Endpoint>(), Err(ServeError::BadScheme(_))));
+        assert!(matches!(
+            "tcp://1.2.3.4:5".parse::<Endpoint>(),
+            Err(ServeError::BadScheme(_))
+        ));
+        assert!(matches!(
+            "unix://csi.sock".parse::<Endpoint>(),
+            Err(ServeError::RelativePath(_))
+        ));
+        assert!(matches!(
+            "relative.sock".parse::<Endpoint>(),
+            Err(ServeError::RelativePath(_))
+        ));
+        assert!(matches!(
+            "".parse::<Endpoint>(),
+            Err(ServeError::BadScheme(_))
+        ));
     }
 
     #[tokio::test]

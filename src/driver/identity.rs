@@ -28,9 +28,9 @@ impl IdentityService {
 
     fn capabilities(&self) -> Vec<PluginCapability> {
         let svc = |t: service::Type| PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(plugin_capability::Service {
-                r#type: t as i32,
-            })),
+            r#type: Some(plugin_capability::Type::Service(
+                plugin_capability::Service { r#type: t as i32 },
+            )),
         };
         let mut caps = Vec::new();
         if self.controller {

@@ -5,6 +5,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use super::error::Error;
+
 /// The set of keys with an operation in flight. Cloning shares the set.
 #[derive(Debug, Clone, Default)]
 pub struct InFlight {
@@ -34,6 +36,25 @@ impl InFlight {
             keys: Arc::clone(&self.keys),
             key: key.to_string(),
         })
+    }
+
+    /// Take `key`, or fail with ABORTED naming `what` (e.g. "volume toronto/12").
+    pub fn lock(&self, key: &str, what: &str) -> Result<Guard, Error> {
+        self.try_lock(key).ok_or_else(|| {
+            Error::Aborted(format!(
+                "an operation on {what} is already in progress; retry when it has finished"
+            ))
+        })
+    }
+
+    /// How many operations are in flight.
+    pub fn len(&self) -> usize {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether `key` is held right now.

@@ -22,7 +22,11 @@ fn nonempty(s: Option<&str>) -> Option<&str> {
 }
 
 /// Run one RPC handler, log its outcome, and turn its error into a gRPC status.
-pub async fn rpc<T, F>(method: &'static str, ids: Ids<'_>, handler: F) -> Result<Response<T>, Status>
+pub async fn rpc<T, F>(
+    method: &'static str,
+    ids: Ids<'_>,
+    handler: F,
+) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, Error>>,
 {
@@ -38,14 +42,33 @@ where
     );
     match result {
         Ok(resp) => {
-            tracing::info!(method, name, volume_id, snapshot_id, node_id, code = "OK", duration_ms = ms, "rpc");
+            tracing::info!(
+                method,
+                name,
+                volume_id,
+                snapshot_id,
+                node_id,
+                code = "OK",
+                duration_ms = ms,
+                "rpc"
+            );
             Ok(Response::new(resp))
         }
         Err(err) => {
             let status: Status = err.into();
             let code = format!("{:?}", status.code());
             let message = status.message();
-            tracing::warn!(method, name, volume_id, snapshot_id, node_id, code, duration_ms = ms, error = message, "rpc");
+            tracing::warn!(
+                method,
+                name,
+                volume_id,
+                snapshot_id,
+                node_id,
+                code,
+                duration_ms = ms,
+                error = message,
+                "rpc"
+            );
             Err(status)
         }
     }

@@ -30,7 +30,10 @@ pub enum ApiError {
 impl ApiError {
     /// Whether repeating the same call may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ApiError::Throttled { .. } | ApiError::Transient { .. })
+        matches!(
+            self,
+            ApiError::Throttled { .. } | ApiError::Transient { .. }
+        )
     }
 
     /// The cloud's message, without the action.
@@ -74,7 +77,15 @@ impl ApiError {
             "permission denied",
         ]) {
             ApiError::Auth { action, message }
-        } else if has(&["not found", "does not exist", "no such", "invalid vm", "invalid volume", "invalid snapshot", "invalid image"]) {
+        } else if has(&[
+            "not found",
+            "does not exist",
+            "no such",
+            "invalid vm",
+            "invalid volume",
+            "invalid snapshot",
+            "invalid image",
+        ]) {
             ApiError::NotFound { action, message }
         } else if has(&[
             "attached",
@@ -88,7 +99,14 @@ impl ApiError {
             "has snapshots",
         ]) {
             ApiError::WrongState { action, message }
-        } else if has(&["invalid", "missing", "required", "must", "region not set", "unknown region"]) {
+        } else if has(&[
+            "invalid",
+            "missing",
+            "required",
+            "must",
+            "region not set",
+            "unknown region",
+        ]) {
             ApiError::InvalidArgument { action, message }
         } else {
             ApiError::Other { action, message }
@@ -105,10 +123,22 @@ mod tests {
         let c = |m| ApiError::from_cloud_message("volume/x", m);
         assert!(matches!(c("invalid vm"), ApiError::NotFound { .. }));
         assert!(matches!(c("volume not found"), ApiError::NotFound { .. }));
-        assert!(matches!(c("region not set"), ApiError::InvalidArgument { .. }));
-        assert!(matches!(c("volume is attached to a VM"), ApiError::WrongState { .. }));
-        assert!(matches!(c("rate limit exceeded"), ApiError::Throttled { .. }));
-        assert!(matches!(c("temporarily unavailable, try again"), ApiError::Transient { .. }));
+        assert!(matches!(
+            c("region not set"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            c("volume is attached to a VM"),
+            ApiError::WrongState { .. }
+        ));
+        assert!(matches!(
+            c("rate limit exceeded"),
+            ApiError::Throttled { .. }
+        ));
+        assert!(matches!(
+            c("temporarily unavailable, try again"),
+            ApiError::Transient { .. }
+        ));
         assert!(matches!(c("invalid signature"), ApiError::Auth { .. }));
         assert!(matches!(c("something odd"), ApiError::Other { .. }));
     }

@@ -1,5 +1,19 @@
-//! The Luna Node API client (being written).
+//! The Luna Node API client.
+//!
+//! One [`Client`] per process: it signs requests, keeps nonces strictly increasing, shares a
+//! rate limit across all callers, retries transient failures of actions that are safe to
+//! repeat, and reports every failure as one [`ApiError`] kind. Actions that create something
+//! are never repeated blindly: callers reconcile by looking the name up.
 
+mod client;
+mod credentials;
 mod error;
+mod ratelimit;
+mod sign;
+mod types;
 
+pub use client::{Client, ClientConfig, ClientStats, CreateSource, DEFAULT_BASE_URL};
+pub use credentials::{API_ID_LEN, API_KEY_LEN, Credentials, CredentialsError};
 pub use error::ApiError;
+pub use sign::signature;
+pub use types::{Image, REGIONS, Readiness, Snapshot, SnapshotVolume, Vm, Volume, html_unescape};

@@ -1,0 +1,185 @@
+//! ControllerPublishVolume and ControllerUnpublishVolume: attach and detach.
+
+use std::collections::HashMap;
+
+use super::Inner;
+use super::wait::{self, Deadline};
+use crate::csi::*;
+use crate::driver::error::Error;
+use crate::driver::node::{CTX_SERIAL, CTX_SIZE_BYTES};
+use crate::driver::validate;
+use crate::lunanode::{ApiError, Readiness, Volume as CloudVolume};
+
+fn publish_context(vol: &CloudVolume) -> HashMap<String, String> {
+    HashMap::from([
+        (CTX_SERIAL.to_string(), vol.serial().to_string()),
+        (
+            CTX_SIZE_BYTES.to_string(),
+            validate::bytes(vol.size).to_string(),
+        ),
+    ])
+}
+
+/// Transitional statuses: the volume is busy and the caller should retry.
+fn busy(vol: &CloudVolume) -> bool {
+    vol.readiness() == Readiness::Pending
+}
+
+impl Inner {
+    /// The region of a VM, or NOT_FOUND.
+    async fn vm_region(&self, vm_id: &str) -> Result<String, Error> {
+        if let Some(r) = self.vm_regions.lock().expect("vm cache").get(vm_id) {
+            return Ok(r.clone());
+        }
+        let vm = match self.client.vm_info(vm_id).await {
+            Ok(vm) => vm,
+            Err(ApiError::NotFound { .. }) => {
+                return Err(Error::NotFound(format!(
+                    "node {vm_id} is not a Luna Node VM on this account"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.vm_regions
+            .lock()
+            .expect("vm cache")
+            .insert(vm_id.to_string(), vm.region.clone());
+        Ok(vm.region)
+    }
+
+    pub(super) async fn publish(
+        &self,
+        r: &ControllerPublishVolumeRequest,
+        deadline: Deadline,
+    ) -> Result<ControllerPublishVolumeResponse, Error> {
+        validate::required("volume_id", &r.volume_id)?;
+        validate::required("node_id", &r.node_id)?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Error::invalid("volume_capability is required"))?;
+        validate::capability(cap).map_err(Error::InvalidArgument)?;
+        let _guard = self.inflight.lock(
+            &format!("vol:{}", r.volume_id),
+            &format!("volume {}", r.volume_id),
+        )?;
+        let (vref, vol) = self.volume_or_not_found(&r.volume_id).await?;
+        let node = r.node_id.as_str();
+        let vm_region = self.vm_region(node).await?;
+        if !vm_region.is_empty() && vm_region != vref.region {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vref} is in region {} but node {node} is in {vm_region}; a volume attaches only to VMs in its region",
+                vref.region
+            )));
+        }
+        match vol.attached_vm() {
+            Some(vm) if vm == node && vol.status == "in-use" => {
+                return Ok(ControllerPublishVolumeResponse {
+                    publish_context: publish_context(&vol),
+                });
+            }
+            Some(vm) if vm == node => {} // attaching: wait below
+            Some(vm) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {vref} is attached to node {vm}; it must be unpublished there first (single-node access)"
+                )));
+            }
+            None if busy(&vol) => {
+                return Err(Error::Aborted(format!(
+                    "volume {vref} is busy (status {:?}); retry shortly",
+                    vol.status
+                )));
+            }
+            None if vol.readiness() == Readiness::Failed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {vref} is in status {:?} and cannot be attached",
+                    vol.status
+                )));
+            }
+            None => {
+                if let Err(e) = self.client.volume_attach(vref.id, node, "auto").await {
+                    // After a lost reply the repeat is refused as "already attached": check.
+                    let now = self.client.volume_info(vref.id).await?;
+                    if now.attached_vm() != Some(node) {
+                        return Err(match e {
+                            ApiError::WrongState { .. } => Error::Aborted(format!(
+                                "volume {vref} or node {node} is busy: {e}; retry shortly"
+                            )),
+                            ApiError::NotFound { .. } => Error::NotFound(format!(
+                                "attaching volume {vref} to node {node} failed: {e}"
+                            )),
+                            other => other.into(),
+                        });
+                    }
+                }
+            }
+        }
+        let what = format!("volume {vref} to attach to node {node}");
+        let vol = wait::until(deadline, self.cfg.backoff, &what, || async {
+            let v = self.client.volume_info(vref.id).await?;
+            match v.attached_vm() {
+                Some(vm) if vm == node && v.status == "in-use" => Ok(Some(v)),
+                Some(vm) if vm != node => Err(Error::FailedPrecondition(format!(
+                    "volume {vref} was attached to node {vm} meanwhile"
+                ))),
+                _ if v.readiness() == Readiness::Failed => Err(Error::Internal(format!(
+                    "attaching volume {vref} failed: status {:?}",
+                    v.status
+                ))),
+                _ => Ok(None),
+            }
+        })
+        .await?;
+        Ok(ControllerPublishVolumeResponse {
+            publish_context: publish_context(&vol),
+        })
+    }
+
+    pub(super) async fn unpublish(
+        &self,
+        r: &ControllerUnpublishVolumeRequest,
+        deadline: Deadline,
+    ) -> Result<ControllerUnpublishVolumeResponse, Error> {
+        validate::required("volume_id", &r.volume_id)?;
+        let _guard = self.inflight.lock(
+            &format!("vol:{}", r.volume_id),
+            &format!("volume {}", r.volume_id),
+        )?;
+        let Some((vref, vol)) = self.find_volume(&r.volume_id).await? else {
+            return Ok(ControllerUnpublishVolumeResponse {});
+        };
+        let node = r.node_id.as_str();
+        let attached_here = |v: &CloudVolume| {
+            v.attached_vm()
+                .is_some_and(|vm| node.is_empty() || vm == node)
+        };
+        if !attached_here(&vol) {
+            return Ok(ControllerUnpublishVolumeResponse {});
+        }
+        if vol.status != "detaching" {
+            if let Err(e) = self.client.volume_detach(vref.id).await {
+                let now = self.client.volume_info(vref.id).await?;
+                if attached_here(&now) && now.status != "detaching" {
+                    return Err(match e {
+                        ApiError::WrongState { .. } => {
+                            Error::Aborted(format!("volume {vref} is busy: {e}; retry shortly"))
+                        }
+                        other => other.into(),
+                    });
+                }
+            }
+        }
+        let what = format!("volume {vref} to detach");
+        wait::until(deadline, self.cfg.backoff, &what, || async {
+            match self.client.volume_info(vref.id).await {
+                Ok(v) => Ok((!attached_here(&v) || v.attached_vm().is_none())
+                    .then_some(())
+                    .filter(|_| v.status != "detaching")),
+                Err(ApiError::NotFound { .. }) => Ok(Some(())),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+        Ok(ControllerUnpublishVolumeResponse {})
+    }
+}

@@ -1,0 +1,344 @@
+//! The CSI Controller service: volumes, attachments and snapshots on the Luna Node API.
+//!
+//! The handlers live in [`volumes`], [`attach`] and [`snapshots`]; this file holds the
+//! configuration, the shared state and the gRPC trait, which only validates that the
+//! service is reachable, wraps each call in [`observe::rpc`] and dispatches.
+
+mod attach;
+mod snapshots;
+mod volumes;
+pub mod wait;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::error::Error;
+use super::inflight::InFlight;
+use super::observe::{Ids, rpc};
+use super::validate;
+use crate::csi::controller_server::Controller;
+use crate::csi::controller_service_capability::{self, rpc::Type as RpcType};
+use crate::csi::*;
+use crate::lunanode::Client;
+use wait::{Backoff, Deadline};
+
+/// Controller settings.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Where volumes go when neither the StorageClass nor the topology says.
+    pub default_region: String,
+    /// Every region the driver manages (ListSnapshots with no filter looks in each).
+    pub regions: Vec<String>,
+    /// Size of a volume created without a capacity range.
+    pub default_size_gb: u64,
+    pub min_size_gb: u64,
+    pub max_size_gb: u64,
+    /// How long an RPC may wait for the cloud when the CO set no deadline.
+    pub default_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            default_region: "toronto".into(),
+            regions: crate::lunanode::REGIONS
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            default_size_gb: 10,
+            min_size_gb: 1,
+            max_size_gb: 16_384,
+            default_timeout: Duration::from_secs(300),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// The Controller service. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerService {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    client: Client,
+    cfg: ControllerConfig,
+    inflight: InFlight,
+    /// VM ID → region. A VM never changes region, so this never goes stale; a VM that is
+    /// deleted is caught by the cloud when attaching to it.
+    vm_regions: Mutex<HashMap<String, String>>,
+}
+
+impl ControllerService {
+    /// A controller talking to the cloud through `client`.
+    pub fn new(client: Client, cfg: ControllerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                cfg,
+                inflight: InFlight::default(),
+                vm_regions: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Operations currently running (for metrics and graceful shutdown).
+    pub fn in_flight(&self) -> usize {
+        self.inner.inflight.len()
+    }
+}
+
+impl Inner {
+    fn deadline<T>(&self, req: &Request<T>) -> Deadline {
+        Deadline::new(
+            validate::grpc_timeout(req.metadata()),
+            self.cfg.default_timeout,
+        )
+    }
+
+    fn topology(region: &str) -> Vec<Topology> {
+        vec![Topology {
+            segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), region.to_string())]),
+        }]
+    }
+}
+
+const CAPABILITIES: &[RpcType] = &[
+    RpcType::CreateDeleteVolume,
+    RpcType::PublishUnpublishVolume,
+    RpcType::ListVolumes,
+    RpcType::ListVolumesPublishedNodes,
+    RpcType::GetVolume,
+    RpcType::VolumeCondition,
+    RpcType::CreateDeleteSnapshot,
+    RpcType::ListSnapshots,
+    RpcType::CloneVolume,
+    RpcType::ExpandVolume,
+    RpcType::SingleNodeMultiWriter,
+];
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let deadline = self.inner.deadline(&req);
+        let r = req.into_inner();
+        let ids = Ids {
+            name: Some(&r.name),
+            ..Default::default()
+        };
+        rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline)).await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            ..Default::default()
+        };
+        rpc("DeleteVolume", ids, self.inner.delete_volume(&r)).await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        req: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        let deadline = self.inner.deadline(&req);
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            node_id: Some(&r.node_id),
+            ..Default::default()
+        };
+        rpc(
+            "ControllerPublishVolume",
+            ids,
+            self.inner.publish(&r, deadline),
+        )
+        .await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        let deadline = self.inner.deadline(&req);
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            node_id: Some(&r.node_id),
+            ..Default::default()
+        };
+        rpc(
+            "ControllerUnpublishVolume",
+            ids,
+            self.inner.unpublish(&r, deadline),
+        )
+        .await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            ..Default::default()
+        };
+        rpc(
+            "ValidateVolumeCapabilities",
+            ids,
+            self.inner.validate_capabilities(&r),
+        )
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r)).await
+    }
+
+    async fn get_capacity(
+        &self,
+        _req: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        rpc("GetCapacity", Ids::default(), async {
+            Err(Error::Unimplemented(
+                "GetCapacity is not offered: Luna Node does not report free capacity".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        rpc("ControllerGetCapabilities", Ids::default(), async {
+            Ok(ControllerGetCapabilitiesResponse {
+                capabilities: CAPABILITIES
+                    .iter()
+                    .map(|t| ControllerServiceCapability {
+                        r#type: Some(controller_service_capability::Type::Rpc(
+                            controller_service_capability::Rpc { r#type: *t as i32 },
+                        )),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            name: Some(&r.name),
+            volume_id: Some(&r.source_volume_id),
+            ..Default::default()
+        };
+        rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r)).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            snapshot_id: Some(&r.snapshot_id),
+            ..Default::default()
+        };
+        rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r)).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.source_volume_id),
+            snapshot_id: Some(&r.snapshot_id),
+            ..Default::default()
+        };
+        rpc("ListSnapshots", ids, self.inner.list_snapshots(&r)).await
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            snapshot_id: Some(&r.snapshot_id),
+            ..Default::default()
+        };
+        rpc("GetSnapshot", ids, async {
+            Err(Error::Unimplemented(
+                "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let deadline = self.inner.deadline(&req);
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            ..Default::default()
+        };
+        rpc(
+            "ControllerExpandVolume",
+            ids,
+            self.inner.expand_volume(&r, deadline),
+        )
+        .await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            ..Default::default()
+        };
+        rpc("ControllerGetVolume", ids, self.inner.get_volume(&r)).await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        req: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let ids = Ids {
+            volume_id: Some(&r.volume_id),
+            ..Default::default()
+        };
+        rpc("ControllerModifyVolume", ids, async {
+            Err(Error::Unimplemented("ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters".into()))
+        })
+        .await
+    }
+}

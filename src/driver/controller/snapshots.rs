@@ -1,0 +1,276 @@
+//! CreateSnapshot, DeleteSnapshot and ListSnapshots.
+
+use super::Inner;
+use super::wait::{self, Deadline};
+use crate::csi::*;
+use crate::driver::error::Error;
+use crate::driver::ids::{SnapshotRef, VolumeRef};
+use crate::driver::validate;
+use crate::lunanode::{ApiError, Readiness, Snapshot as CloudSnapshot};
+
+fn csi_snapshot(s: &CloudSnapshot, region: &str) -> crate::csi::Snapshot {
+    let creation_time = validate::timestamp(s.created_at()).or_else(|| {
+        // The API reference shows no snapshot timestamp; the spec requires one.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: 0,
+        })
+    });
+    crate::csi::Snapshot {
+        size_bytes: validate::bytes(s.size),
+        snapshot_id: SnapshotRef {
+            region: region.to_string(),
+            uuid: s.id.clone(),
+        }
+        .to_string(),
+        source_volume_id: s
+            .volume
+            .as_ref()
+            .map(|v| {
+                VolumeRef {
+                    region: region.to_string(),
+                    id: v.id,
+                }
+                .to_string()
+            })
+            .unwrap_or_default(),
+        creation_time,
+        ready_to_use: s.readiness() == Readiness::Ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
+impl Inner {
+    async fn snapshots_in(&self, region: &str) -> Result<Vec<CloudSnapshot>, Error> {
+        match self.client.snapshot_list(region).await {
+            Ok(mut list) => {
+                // Some API shapes leave the region out of list items.
+                for s in &mut list {
+                    if s.region.is_empty() {
+                        s.region = region.to_string();
+                    }
+                }
+                Ok(list)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn snapshot_by_id(&self, sref: &SnapshotRef) -> Result<Option<CloudSnapshot>, Error> {
+        if !self.cfg.regions.contains(&sref.region) {
+            return Ok(None);
+        }
+        Ok(self
+            .snapshots_in(&sref.region)
+            .await?
+            .into_iter()
+            .find(|s| s.id == sref.uuid && s.region == sref.region))
+    }
+
+    /// The snapshot, once ready; `None` when it does not exist.
+    pub(super) async fn wait_snapshot_ready(
+        &self,
+        sref: &SnapshotRef,
+        deadline: Deadline,
+    ) -> Result<Option<CloudSnapshot>, Error> {
+        let what = format!("snapshot {sref} to become ready");
+        wait::until(deadline, self.cfg.backoff, &what, || async {
+            match self.snapshot_by_id(sref).await? {
+                None => Ok(Some(None)),
+                Some(s) => match s.readiness() {
+                    Readiness::Ready => Ok(Some(Some(s))),
+                    Readiness::Pending => Ok(None),
+                    Readiness::Failed => Err(Error::FailedPrecondition(format!(
+                        "snapshot {sref} is in status {:?}; it cannot be restored",
+                        s.status
+                    ))),
+                },
+            }
+        })
+        .await
+    }
+
+    /// The UUID of the snapshot of `src` labelled `label`, creating it if there is none.
+    /// After an unclear failure of the create, the label is looked up again rather than
+    /// creating a second snapshot.
+    pub(super) async fn snapshot_with_label(
+        &self,
+        src: &VolumeRef,
+        label: &str,
+    ) -> Result<String, Error> {
+        let find = || async {
+            let list = self.snapshots_in(&src.region).await?;
+            Ok::<_, Error>(
+                list.into_iter()
+                    .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
+                    .map(|s| s.id),
+            )
+        };
+        if let Some(id) = find().await? {
+            return Ok(id);
+        }
+        match self.client.snapshot_create(src.id, label).await {
+            Ok(id) => Ok(id),
+            Err(e) if e.is_retryable() => find().await?.ok_or_else(|| e.into()),
+            Err(ApiError::NotFound { .. }) => Err(Error::NotFound(format!(
+                "source volume {src} does not exist"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) async fn create_snapshot(
+        &self,
+        r: &CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, Error> {
+        validate::name("name", &r.name)?;
+        validate::required("source_volume_id", &r.source_volume_id)?;
+        if let Some(k) = r
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+        {
+            return Err(Error::invalid(format!(
+                "unknown snapshot parameter {k:?}; VolumeSnapshotClass parameters are not used by this driver"
+            )));
+        }
+        let not_found = || {
+            Error::NotFound(format!(
+                "source volume {} does not exist",
+                r.source_volume_id
+            ))
+        };
+        let src: VolumeRef = r.source_volume_id.parse().map_err(|_| not_found())?;
+        if !self.cfg.regions.contains(&src.region) {
+            return Err(not_found());
+        }
+        let _guard = self.inflight.lock(
+            &format!("snapshot-name:{}", r.name),
+            &format!("snapshot name {}", r.name),
+        )?;
+
+        // Idempotency by name + source: the label is unique per region in practice, so a
+        // snapshot with this name on another volume is a conflict.
+        let list = self.snapshots_in(&src.region).await?;
+        if let Some(existing) = list.iter().find(|s| s.name == r.name) {
+            let same_source = existing.volume.as_ref().is_some_and(|v| v.id == src.id);
+            if !same_source {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {:?} already exists for another volume ({})",
+                    r.name,
+                    existing
+                        .volume
+                        .as_ref()
+                        .map_or("unknown".to_string(), |v| VolumeRef {
+                            region: src.region.clone(),
+                            id: v.id
+                        }
+                        .to_string())
+                )));
+            }
+            return Ok(CreateSnapshotResponse {
+                snapshot: Some(csi_snapshot(existing, &src.region)),
+            });
+        }
+        // Another region may hold the name too; names are the CO's idempotency key.
+        if self.find_volume(&r.source_volume_id).await?.is_none() {
+            return Err(not_found());
+        }
+        let uuid = self.snapshot_with_label(&src, &r.name).await?;
+        let sref = SnapshotRef {
+            region: src.region.clone(),
+            uuid,
+        };
+        // Report the cloud's view (size, status); the snapshotter polls until ready_to_use.
+        let snap = self.snapshot_by_id(&sref).await?.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "snapshot {sref} was created but is not listed yet; retry"
+            ))
+        })?;
+        Ok(CreateSnapshotResponse {
+            snapshot: Some(csi_snapshot(&snap, &src.region)),
+        })
+    }
+
+    pub(super) async fn delete_snapshot(
+        &self,
+        r: &DeleteSnapshotRequest,
+    ) -> Result<DeleteSnapshotResponse, Error> {
+        validate::required("snapshot_id", &r.snapshot_id)?;
+        let Ok(sref) = r.snapshot_id.parse::<SnapshotRef>() else {
+            return Ok(DeleteSnapshotResponse {});
+        };
+        if !self.cfg.regions.contains(&sref.region) {
+            return Ok(DeleteSnapshotResponse {});
+        }
+        let _guard = self.inflight.lock(
+            &format!("snapshot:{}", r.snapshot_id),
+            &format!("snapshot {}", r.snapshot_id),
+        )?;
+        match self.client.snapshot_delete(&sref.region, &sref.uuid).await {
+            Ok(()) | Err(ApiError::NotFound { .. }) => Ok(DeleteSnapshotResponse {}),
+            Err(e @ ApiError::WrongState { .. }) => Err(Error::FailedPrecondition(format!(
+                "snapshot {sref} cannot be deleted now: {e}"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) async fn list_snapshots(
+        &self,
+        r: &ListSnapshotsRequest,
+    ) -> Result<ListSnapshotsResponse, Error> {
+        if r.max_entries < 0 {
+            return Err(Error::invalid("max_entries must not be negative"));
+        }
+        let mut found: Vec<(String, CloudSnapshot)> = Vec::new();
+        if !r.snapshot_id.is_empty() {
+            // An ID that does not parse names nothing: an empty list, not an error.
+            if let Ok(sref) = r.snapshot_id.parse::<SnapshotRef>() {
+                if let Some(s) = self.snapshot_by_id(&sref).await? {
+                    found.push((sref.region.clone(), s));
+                }
+            }
+            if let (Some((_, s)), false) = (found.first(), r.source_volume_id.is_empty()) {
+                let matches = r
+                    .source_volume_id
+                    .parse::<VolumeRef>()
+                    .ok()
+                    .is_some_and(|v| s.volume.as_ref().is_some_and(|sv| sv.id == v.id));
+                if !matches {
+                    found.clear();
+                }
+            }
+        } else if !r.source_volume_id.is_empty() {
+            if let Ok(vref) = r.source_volume_id.parse::<VolumeRef>() {
+                if self.cfg.regions.contains(&vref.region) {
+                    for s in self.snapshots_in(&vref.region).await? {
+                        if s.volume.as_ref().is_some_and(|v| v.id == vref.id) {
+                            found.push((vref.region.clone(), s));
+                        }
+                    }
+                }
+            }
+        } else {
+            for region in &self.cfg.regions {
+                for s in self.snapshots_in(region).await? {
+                    found.push((region.clone(), s));
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
+        let (page, next_token) = validate::page(found, r.max_entries, &r.starting_token)?;
+        Ok(ListSnapshotsResponse {
+            entries: page
+                .iter()
+                .map(|(region, s)| list_snapshots_response::Entry {
+                    snapshot: Some(csi_snapshot(s, region)),
+                })
+                .collect(),
+            next_token,
+        })
+    }
+}

@@ -1,0 +1,623 @@
+//! The HTTP client: signing, nonces, rate limiting, retries, and one typed method per action.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::credentials::Credentials;
+use super::error::ApiError;
+use super::ratelimit::RateLimiter;
+use super::sign::signature;
+use super::types::{Image, Snapshot, Vm, Volume, html_unescape};
+
+/// The real API's base URL.
+pub const DEFAULT_BASE_URL: &str = "https://dynamic.lunanode.com/api/";
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL ending in `/api/`; a missing trailing slash is added.
+    pub base_url: String,
+    pub credentials: Credentials,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Client-side rate limit shared by all callers; `<= 0` disables it.
+    pub qps: f64,
+    pub burst: u32,
+    /// Retries after the first attempt, for actions safe to repeat.
+    pub max_retries: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults suited to the real cloud.
+    pub fn new(base_url: impl Into<String>, credentials: Credentials) -> Self {
+        Self {
+            base_url: base_url.into(),
+            credentials,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            qps: 10.0,
+            burst: 20,
+            max_retries: 4,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether a failed call may be sent again as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Reads, and changes that cannot create anything (attach, detach, extend, delete…):
+    /// a repeat after a lost reply at worst reports a state the caller reconciles.
+    Safe,
+    /// Creates: a repeat after a lost reply would make a second object. The caller looks
+    /// the name up instead.
+    Never,
+}
+
+/// Counts of what the client sent, for tests, benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub throttled: AtomicU64,
+}
+
+type SharedList = Shared<BoxFuture<'static, Result<Arc<Vec<Volume>>, ApiError>>>;
+
+struct Inner {
+    http: reqwest::Client,
+    cfg: ClientConfig,
+    last_nonce: AtomicU64,
+    limiter: RateLimiter,
+    stats: ClientStats,
+    /// The next `volume/list` that has not been sent yet, which callers can join.
+    pending_list: Mutex<Option<SharedList>>,
+    /// Held while a coalesced `volume/list` is on the wire.
+    list_running: tokio::sync::Mutex<()>,
+}
+
+/// A Luna Node API client. Cheap to clone; clones share nonces, rate limit and counters.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.inner.cfg.base_url)
+            .field("credentials", &self.inner.cfg.credentials)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Build a client (HTTPS through rustls; no OpenSSL).
+    pub fn new(mut cfg: ClientConfig) -> Result<Self, ApiError> {
+        if !cfg.base_url.ends_with('/') {
+            cfg.base_url.push('/');
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .user_agent(concat!("lunanode-csi/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ApiError::Other {
+                action: "client".into(),
+                message: format!("cannot build HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                limiter: RateLimiter::new(cfg.qps, cfg.burst),
+                cfg,
+                last_nonce: AtomicU64::new(0),
+                stats: ClientStats::default(),
+                pending_list: Mutex::new(None),
+                list_running: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// What this client has sent so far.
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    /// Seconds since the epoch, strictly increasing per client even within one second, so
+    /// concurrent calls never share a nonce.
+    fn next_nonce(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let prev = self
+            .inner
+            .last_nonce
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .expect("closure always returns Some");
+        now.max(prev + 1)
+    }
+
+    async fn call_once(
+        &self,
+        handler: &str,
+        params: &BTreeMap<&str, String>,
+    ) -> Result<Value, ApiError> {
+        let inner = &self.inner;
+        let creds = &inner.cfg.credentials;
+        let mut req: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        req.insert("api_id", creds.api_id());
+        req.insert("api_partialkey", creds.partial_key());
+        let req = serde_json::to_string(&req).expect("string map serializes");
+        let nonce = self.next_nonce().to_string();
+        let sig = signature(creds.api_key(), handler, &req, &nonce);
+        let url = format!("{}{}", inner.cfg.base_url, handler);
+        let action = handler.trim_end_matches('/');
+        let err = |kind: fn(String, String) -> ApiError, message: String| {
+            kind(action.to_string(), message)
+        };
+
+        inner.limiter.acquire().await;
+        inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = inner
+            .http
+            .post(&url)
+            .form(&[
+                ("req", req.as_str()),
+                ("signature", &sig),
+                ("nonce", &nonce),
+                ("handler", handler),
+            ])
+            .send()
+            .await
+            .map_err(|e| {
+                // reqwest's Display includes the URL, never the form body.
+                let what = if e.is_timeout() {
+                    "request timed out"
+                } else if e.is_connect() {
+                    "cannot connect"
+                } else {
+                    "request failed"
+                };
+                err(transient, format!("{what}: {}", without_url(&e)))
+            })?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| {
+            err(
+                transient,
+                format!("reading the response failed: {}", without_url(&e)),
+            )
+        })?;
+        if status.as_u16() == 429 {
+            inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(err(
+                throttled,
+                format!("HTTP 429 {}", cloud_error(&body).unwrap_or_default()),
+            ));
+        }
+        if status.is_server_error() {
+            return Err(err(transient, format!("HTTP {status}")));
+        }
+        let value: Value = match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(_) if !status.is_success() => return Err(err(other, format!("HTTP {status}"))),
+            Err(e) => return Err(err(other, format!("unparseable response: {e}"))),
+        };
+        if value.get("success").and_then(Value::as_str) == Some("yes") {
+            return Ok(value);
+        }
+        let message = cloud_error(&body)
+            .unwrap_or_else(|| format!("HTTP {status}: call failed without a message"));
+        let e = ApiError::from_cloud_message(action, &message);
+        if matches!(e, ApiError::Throttled { .. }) {
+            inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e)
+    }
+
+    async fn call(
+        &self,
+        handler: &str,
+        params: BTreeMap<&str, String>,
+        repeat: Repeat,
+    ) -> Result<Value, ApiError> {
+        let cfg = &self.inner.cfg;
+        let mut backoff = cfg.initial_backoff;
+        let mut attempt = 0;
+        loop {
+            let started = std::time::Instant::now();
+            let result = self.call_once(handler, &params).await;
+            tracing::debug!(
+                action = handler.trim_end_matches('/'),
+                attempt,
+                ok = result.is_ok(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "luna node api call"
+            );
+            match result {
+                Err(e)
+                    if e.is_retryable() && repeat == Repeat::Safe && attempt < cfg.max_retries =>
+                {
+                    attempt += 1;
+                    self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    // Full jitter keeps many drivers from retrying in lockstep.
+                    let sleep = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+                    tracing::debug!(action = handler, error = %e, retry_in_ms = sleep.as_millis() as u64, "retrying");
+                    tokio::time::sleep(sleep).await;
+                    backoff = (backoff * 2).min(cfg.max_backoff);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_as<T: DeserializeOwned>(
+        &self,
+        handler: &str,
+        params: BTreeMap<&str, String>,
+        repeat: Repeat,
+        field: &str,
+    ) -> Result<T, ApiError> {
+        let mut value = self.call(handler, params, repeat).await?;
+        let action = handler.trim_end_matches('/');
+        let v = value
+            .get_mut(field)
+            .map(Value::take)
+            .ok_or_else(|| ApiError::Other {
+                action: action.into(),
+                message: format!("response has no `{field}`"),
+            })?;
+        serde_json::from_value(v).map_err(|e| ApiError::Other {
+            action: action.into(),
+            message: format!("unexpected `{field}` in response: {e}"),
+        })
+    }
+
+    // ---- volume actions -------------------------------------------------------------
+
+    /// `volume/create`: never repeated automatically; after an unclear failure, look the
+    /// label up before trying again.
+    pub async fn volume_create(
+        &self,
+        region: &str,
+        label: &str,
+        size_gb: u64,
+        source: Option<CreateSource<'_>>,
+    ) -> Result<u64, ApiError> {
+        let mut p = params([
+            ("region", region.to_string()),
+            ("label", label.to_string()),
+            ("size", size_gb.to_string()),
+        ]);
+        match source {
+            Some(CreateSource::Snapshot(id)) => {
+                p.insert("snapshot_id", id.to_string());
+            }
+            Some(CreateSource::Image(id)) => {
+                p.insert("image", id.to_string());
+            }
+            None => {}
+        }
+        let id: IdOnly = self
+            .call_as_root("volume/create/", p, Repeat::Never)
+            .await?;
+        Ok(id.volume_id)
+    }
+
+    /// `volume/list`, optionally for one region.
+    pub async fn volume_list(&self, region: Option<&str>) -> Result<Vec<Volume>, ApiError> {
+        let p = region
+            .map(|r| params([("region", r.to_string())]))
+            .unwrap_or_default();
+        self.call_as("volume/list/", p, Repeat::Safe, "volumes")
+            .await
+    }
+
+    /// `volume/list` for every region, shared: a caller joins the next list call that has
+    /// not been sent yet instead of sending its own. A list already on the wire is never
+    /// joined, because it may predate a change the caller needs to see.
+    pub async fn volume_list_shared(&self) -> Result<Arc<Vec<Volume>>, ApiError> {
+        let fut = {
+            let mut pending = self.inner.pending_list.lock().expect("list lock");
+            match pending.as_ref() {
+                Some(f) => f.clone(),
+                None => {
+                    let this = self.clone();
+                    let f = async move {
+                        let _running = this.inner.list_running.lock().await;
+                        // From here on this list is (about to be) sent: later callers start a new one.
+                        this.inner.pending_list.lock().expect("list lock").take();
+                        this.volume_list(None).await.map(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    *pending = Some(f.clone());
+                    f
+                }
+            }
+        };
+        fut.await
+    }
+
+    /// `volume/info`.
+    pub async fn volume_info(&self, volume_id: u64) -> Result<Volume, ApiError> {
+        self.call_as(
+            "volume/info/",
+            params([("volume_id", volume_id.to_string())]),
+            Repeat::Safe,
+            "volume",
+        )
+        .await
+    }
+
+    /// `volume/attach` with the given target (`auto` lets the cloud choose).
+    pub async fn volume_attach(
+        &self,
+        volume_id: u64,
+        vm_id: &str,
+        target: &str,
+    ) -> Result<(), ApiError> {
+        let p = params([
+            ("volume_id", volume_id.to_string()),
+            ("vm_id", vm_id.to_string()),
+            ("target", target.to_string()),
+        ]);
+        self.call("volume/attach/", p, Repeat::Safe).await.map(drop)
+    }
+
+    /// `volume/detach`.
+    pub async fn volume_detach(&self, volume_id: u64) -> Result<(), ApiError> {
+        self.call(
+            "volume/detach/",
+            params([("volume_id", volume_id.to_string())]),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `volume/extend` (detached volumes only).
+    pub async fn volume_extend(&self, volume_id: u64, size_gb: u64) -> Result<(), ApiError> {
+        let p = params([
+            ("volume_id", volume_id.to_string()),
+            ("size", size_gb.to_string()),
+        ]);
+        self.call("volume/extend/", p, Repeat::Safe).await.map(drop)
+    }
+
+    /// `volume/rename`.
+    pub async fn volume_rename(&self, volume_id: u64, name: &str) -> Result<(), ApiError> {
+        let p = params([
+            ("volume_id", volume_id.to_string()),
+            ("name", name.to_string()),
+        ]);
+        self.call("volume/rename/", p, Repeat::Safe).await.map(drop)
+    }
+
+    /// `volume/delete`.
+    pub async fn volume_delete(&self, volume_id: u64) -> Result<(), ApiError> {
+        self.call(
+            "volume/delete/",
+            params([("volume_id", volume_id.to_string())]),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `volume/snapshot-create`: never repeated automatically.
+    pub async fn snapshot_create(&self, volume_id: u64, label: &str) -> Result<String, ApiError> {
+        let p = params([
+            ("volume_id", volume_id.to_string()),
+            ("label", label.to_string()),
+        ]);
+        let id: SnapshotIdOnly = self
+            .call_as_root("volume/snapshot-create/", p, Repeat::Never)
+            .await?;
+        Ok(id.snapshot_id)
+    }
+
+    /// `volume/snapshot-list` for one region.
+    pub async fn snapshot_list(&self, region: &str) -> Result<Vec<Snapshot>, ApiError> {
+        self.call_as(
+            "volume/snapshot-list/",
+            params([("region", region.to_string())]),
+            Repeat::Safe,
+            "snapshots",
+        )
+        .await
+    }
+
+    /// `volume/snapshot-replicate`: makes an image in `dst_region`; never repeated
+    /// automatically.
+    pub async fn snapshot_replicate(
+        &self,
+        region: &str,
+        snapshot_id: &str,
+        image_name: &str,
+        dst_region: &str,
+    ) -> Result<u64, ApiError> {
+        let p = params([
+            ("region", region.to_string()),
+            ("snapshot_id", snapshot_id.to_string()),
+            ("image_name", image_name.to_string()),
+            ("dst_region", dst_region.to_string()),
+        ]);
+        let id: ImageIdOnly = self
+            .call_as_root("volume/snapshot-replicate/", p, Repeat::Never)
+            .await?;
+        Ok(id.image_id)
+    }
+
+    /// `volume/snapshot-delete`.
+    pub async fn snapshot_delete(&self, region: &str, snapshot_id: &str) -> Result<(), ApiError> {
+        let p = params([
+            ("region", region.to_string()),
+            ("snapshot_id", snapshot_id.to_string()),
+        ]);
+        self.call("volume/snapshot-delete/", p, Repeat::Safe)
+            .await
+            .map(drop)
+    }
+
+    // ---- VMs and images -------------------------------------------------------------
+
+    /// `vm/list`.
+    pub async fn vm_list(&self) -> Result<Vec<Vm>, ApiError> {
+        self.call_as("vm/list/", BTreeMap::new(), Repeat::Safe, "vms")
+            .await
+    }
+
+    /// `vm/info`: the region and ID are in `extra`.
+    pub async fn vm_info(&self, vm_id: &str) -> Result<Vm, ApiError> {
+        self.call_as(
+            "vm/info/",
+            params([("vm_id", vm_id.to_string())]),
+            Repeat::Safe,
+            "extra",
+        )
+        .await
+    }
+
+    /// `image/list`, optionally for one region.
+    pub async fn image_list(&self, region: Option<&str>) -> Result<Vec<Image>, ApiError> {
+        let p = region
+            .map(|r| params([("region", r.to_string())]))
+            .unwrap_or_default();
+        self.call_as("image/list/", p, Repeat::Safe, "images").await
+    }
+
+    /// `image/delete`.
+    pub async fn image_delete(&self, image_id: u64) -> Result<(), ApiError> {
+        self.call(
+            "image/delete/",
+            params([("image_id", image_id.to_string())]),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn call_as_root<T: DeserializeOwned>(
+        &self,
+        handler: &str,
+        p: BTreeMap<&str, String>,
+        repeat: Repeat,
+    ) -> Result<T, ApiError> {
+        let value = self.call(handler, p, repeat).await?;
+        serde_json::from_value(value).map_err(|e| ApiError::Other {
+            action: handler.trim_end_matches('/').into(),
+            message: format!("unexpected response: {e}"),
+        })
+    }
+}
+
+/// What a new volume is filled from.
+#[derive(Debug, Clone, Copy)]
+pub enum CreateSource<'a> {
+    /// A volume snapshot in the same region.
+    Snapshot(&'a str),
+    /// An image in the same region (e.g. one made by `snapshot-replicate`).
+    Image(u64),
+}
+
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    #[serde(deserialize_with = "de_id")]
+    volume_id: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct ImageIdOnly {
+    #[serde(deserialize_with = "de_id")]
+    image_id: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotIdOnly {
+    snapshot_id: String,
+}
+
+fn de_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = Value::deserialize(d)?;
+    match &v {
+        Value::String(s) => s.trim().parse().map_err(serde::de::Error::custom),
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| serde::de::Error::custom("not an id")),
+        _ => Err(serde::de::Error::custom("not an id")),
+    }
+}
+
+use serde::Deserialize as _;
+
+fn params<const N: usize>(kv: [(&'static str, String); N]) -> BTreeMap<&'static str, String> {
+    kv.into_iter().collect()
+}
+
+fn cloud_error(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    v.get("error").and_then(Value::as_str).map(html_unescape)
+}
+
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(&format!(" for url ({url})"), "");
+    }
+    s
+}
+
+fn transient(action: String, message: String) -> ApiError {
+    ApiError::Transient { action, message }
+}
+fn throttled(action: String, message: String) -> ApiError {
+    ApiError::Throttled { action, message }
+}
+fn other(action: String, message: String) -> ApiError {
+    ApiError::Other { action, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> Client {
+        let creds = Credentials::new("abcdefghijklmnop", &"k".repeat(128)).unwrap();
+        Client::new(ClientConfig::new("http://127.0.0.1:1/api", creds)).unwrap()
+    }
+
+    #[test]
+    fn nonces_strictly_increase_under_concurrency() {
+        let c = client();
+        let mut all: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..500).map(|_| c.next_nonce()).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "no nonce was handed out twice");
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let shown = format!("{:?}", client());
+        assert!(!shown.contains(&"k".repeat(128)));
+        assert!(shown.contains("http://127.0.0.1:1/api/"));
+    }
+}

@@ -1,0 +1,237 @@
+//! Shared test harness: a simulator and the real gRPC server on a temporary unix socket,
+//! with tonic clients connected over that socket.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use lunanode_csi::csi::controller_client::ControllerClient;
+use lunanode_csi::csi::identity_client::IdentityClient;
+use lunanode_csi::csi::node_client::NodeClient;
+use lunanode_csi::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
+use lunanode_csi::csi::*;
+use lunanode_csi::driver::{ControllerConfig, ControllerService, IdentityService};
+use lunanode_csi::lunanode::{Client, ClientConfig, Credentials};
+use lunanode_csi::server::{self, Endpoint};
+use lunanode_csi::sim::{Backing, SimConfig, SimHandle, VmSpec};
+use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
+
+pub const GIB: i64 = 1 << 30;
+
+/// Connect a tonic channel to a unix socket.
+pub async fn channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    TonicEndpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect to the driver socket")
+}
+
+/// Simulator settings used by most tests: memory backing, instant transitions, VMs in
+/// toronto and montreal.
+pub fn sim_config(dir: &Path) -> SimConfig {
+    SimConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backing: Backing::Memory,
+        state_dir: dir.join("sim"),
+        by_id_dir: dir.join("sim/by-id"),
+        vms: vec![
+            VmSpec {
+                region: "toronto".into(),
+                name: Some("node-a".into()),
+            },
+            VmSpec {
+                region: "toronto".into(),
+                name: Some("node-b".into()),
+            },
+            VmSpec {
+                region: "montreal".into(),
+                name: Some("node-m".into()),
+            },
+        ],
+        latency: Duration::ZERO,
+        transition: Duration::ZERO,
+        fault_rate: 0.0,
+        seed: 7,
+        refuse_delete_with_snapshots: false,
+        rate_limit_qps: None,
+    }
+}
+
+pub fn client_for(sim: &SimHandle) -> Client {
+    let creds = Credentials::new(&sim.api_id, &sim.api_key).unwrap();
+    let mut cfg = ClientConfig::new(sim.url.clone(), creds);
+    cfg.qps = 0.0;
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.initial_backoff = Duration::from_millis(5);
+    cfg.max_backoff = Duration::from_millis(50);
+    Client::new(cfg).unwrap()
+}
+
+pub fn controller_config() -> ControllerConfig {
+    let mut cfg = ControllerConfig::default();
+    cfg.backoff.initial = Duration::from_millis(5);
+    cfg.backoff.max = Duration::from_millis(50);
+    cfg.default_timeout = Duration::from_secs(30);
+    cfg
+}
+
+/// A simulator plus the driver's Identity and Controller services on a unix socket.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub sim: Option<SimHandle>,
+    pub socket: PathBuf,
+    pub client: Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, controller_config()).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut SimConfig), ccfg: ControllerConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut scfg = sim_config(dir.path());
+        std::fs::create_dir_all(&scfg.state_dir).unwrap();
+        tweak(&mut scfg);
+        let sim = SimHandle::start(scfg).await.expect("simulator starts");
+        let client = client_for(&sim);
+        let socket = dir.path().join("csi/csi.sock");
+        let endpoint: Endpoint = socket.to_str().unwrap().parse().unwrap();
+        let listener = endpoint.bind().unwrap();
+        let identity = IdentityService::new(
+            true,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        );
+        let controller = ControllerService::new(client.clone(), ccfg);
+        let router = tonic::transport::Server::builder()
+            .add_service(identity_server_new(identity))
+            .add_service(lunanode_csi::csi::controller_server::ControllerServer::new(
+                controller,
+            ));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            server::serve(
+                router,
+                &endpoint,
+                listener,
+                async {
+                    let _ = rx.await;
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        });
+        Harness {
+            dir,
+            sim: Some(sim),
+            socket,
+            client,
+            stop: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    pub fn sim(&self) -> &SimHandle {
+        self.sim.as_ref().unwrap()
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(channel(&self.socket).await)
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(channel(&self.socket).await)
+    }
+
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(channel(&self.socket).await)
+    }
+
+    pub fn vm(&self, name: &str) -> String {
+        self.sim()
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap()
+            .id
+            .clone()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+        if let Some(sim) = self.sim.take() {
+            sim.shutdown().await;
+        }
+    }
+}
+
+fn identity_server_new(
+    i: IdentityService,
+) -> lunanode_csi::csi::identity_server::IdentityServer<IdentityService> {
+    lunanode_csi::csi::identity_server::IdentityServer::new(i)
+}
+
+pub fn mount_cap(fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+pub fn cap_with_mode(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        ..mount_cap("ext4")
+    }
+}
+
+pub fn create_req(name: &str, gib: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: gib * GIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap("ext4")],
+        ..Default::default()
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
