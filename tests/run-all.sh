@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, lints, unit and integration tests
+# (real loop devices, mounts and mkfs when run as root), and the deploy/ chart tests.
+# Installs what the tests need on Debian (xfsprogs for mkfs.xfs, a Python venv for Helm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v mkfs.xfs >/dev/null || need_pkgs+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null || need_pkgs+=(mount)
+command -v blkid >/dev/null || need_pkgs+=(util-linux)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "==> installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  else
+    echo "warning: missing ${need_pkgs[*]} and not root; tests that need them will skip" >&2
+  fi
+fi
+if [ "$(id -u)" -eq 0 ] && [ ! -e /dev/loop-control ]; then
+  modprobe loop 2>/dev/null || true
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "==> cargo test"
+cargo test --all-targets
+cargo test --doc --quiet
+echo "==> deploy/ chart tests"
+bash tests/deploy/run.sh
