@@ -161,43 +161,46 @@ pub fn bytes(gb: u64) -> i64 {
         .saturating_mul(GIB)
 }
 
-/// An opaque paging token: the offset into a stable ordering. A token the driver did not
-/// hand out is ABORTED, as the spec requires.
-pub fn page<T>(
-    items: Vec<T>,
+/// Keyset paging: a page holds the items whose key is greater than the token's, in key
+/// order, so deleting or adding items between pages neither skips nor repeats any. The
+/// token is the last key returned (empty when nothing is left). `parse` turns a token back
+/// into a key; a token that does not parse was not handed out by the driver and is
+/// ABORTED, as the spec requires.
+pub fn page<T, K: Ord + ToString>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    parse: impl Fn(&str) -> Option<K>,
     max_entries: i32,
     starting_token: &str,
 ) -> Result<(Vec<T>, String), Error> {
     if max_entries < 0 {
         return Err(Error::invalid("max_entries must not be negative"));
     }
-    let start = if starting_token.is_empty() {
-        0
+    let after = if starting_token.is_empty() {
+        None
     } else {
-        starting_token
-            .parse::<usize>()
-            .ok()
-            .filter(|&s| s <= items.len())
-            .ok_or_else(|| {
-                Error::Aborted(format!(
-                    "starting_token {starting_token:?} is not valid (anymore); list again from the start"
-                ))
-            })?
+        Some(parse(starting_token).ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {starting_token:?} was not issued by this driver; list again from the start"
+            ))
+        })?)
     };
-    let take = if max_entries == 0 {
+    items.sort_by_key(|t| key(t));
+    if let Some(after) = &after {
+        items.retain(|t| key(t) > *after);
+    }
+    let limit = if max_entries == 0 {
         usize::MAX
     } else {
         max_entries as usize
     };
-    let total = items.len();
-    let page: Vec<T> = items.into_iter().skip(start).take(take).collect();
-    let next = start + page.len();
-    let token = if next < total {
-        next.to_string()
-    } else {
-        String::new()
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let token = match (more, items.last()) {
+        (true, Some(last)) => key(last).to_string(),
+        _ => String::new(),
     };
-    Ok((page, token))
+    Ok((items, token))
 }
 
 /// The deadline a gRPC client set (`grpc-timeout` header), if any.
@@ -355,23 +358,24 @@ mod tests {
 
     #[test]
     fn paging_is_stable_and_rejects_foreign_tokens() {
-        let items: Vec<u32> = (0..5).collect();
-        let (p, t) = page(items.clone(), 2, "").unwrap();
-        assert_eq!((p, t.as_str()), (vec![0, 1], "2"));
-        let (p, t) = page(items.clone(), 2, "4").unwrap();
-        assert_eq!((p, t.as_str()), (vec![4], ""));
-        let (p, _) = page(items.clone(), 0, "").unwrap();
+        let pg =
+            |items: Vec<u64>, max, tok: &str| page(items, |v| *v, |t| t.parse().ok(), max, tok);
+        let items: Vec<u64> = vec![4, 1, 3, 2, 5];
+        let (p, t) = pg(items.clone(), 2, "").unwrap();
+        assert_eq!((p, t.as_str()), (vec![1, 2], "2"));
+        // Deleting the last item of a page and adding one later skips and repeats nothing.
+        let (p, t) = pg(vec![1, 3, 4, 5, 6], 2, "2").unwrap();
+        assert_eq!((p, t.as_str()), (vec![3, 4], "4"));
+        let (p, t) = pg(items.clone(), 2, "4").unwrap();
+        assert_eq!((p, t.as_str()), (vec![5], ""));
+        let (p, _) = pg(items.clone(), 0, "").unwrap();
         assert_eq!(p.len(), 5);
         assert_eq!(
-            page(items.clone(), 1, "abc").unwrap_err().code(),
+            pg(items.clone(), 1, "abc").unwrap_err().code(),
             tonic::Code::Aborted
         );
         assert_eq!(
-            page(items.clone(), 1, "6").unwrap_err().code(),
-            tonic::Code::Aborted
-        );
-        assert_eq!(
-            page(items, -1, "").unwrap_err().code(),
+            pg(items, -1, "").unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }

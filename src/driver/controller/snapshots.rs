@@ -261,8 +261,13 @@ impl Inner {
                 }
             }
         }
-        found.sort_by(|a, b| (&a.0, &a.1.id).cmp(&(&b.0, &b.1.id)));
-        let (page, next_token) = validate::page(found, r.max_entries, &r.starting_token)?;
+        let (page, next_token) = validate::page(
+            found,
+            |(region, s)| format!("{region}/{}", s.id),
+            |t| t.parse::<SnapshotRef>().ok().map(|s| s.to_string()),
+            r.max_entries,
+            &r.starting_token,
+        )?;
         Ok(ListSnapshotsResponse {
             entries: page
                 .iter()

@@ -259,7 +259,8 @@ impl Inner {
         let fits = |bytes: i64| bytes >= required && (limit == 0 || bytes <= limit);
         // A restore to a larger size may have been cut short before the extend.
         let from_source = r.volume_content_source.is_some();
-        if !fits(have) && !(from_source && have < validate::bytes(size_gb)) {
+        let resumable = from_source && have < validate::bytes(size_gb);
+        if !(fits(have) || resumable) {
             return Err(Error::AlreadyExists(format!(
                 "volume {vref} named {:?} already exists with {} GB, which does not fit the requested capacity",
                 r.name, existing.size
@@ -607,8 +608,13 @@ impl Inner {
             .cloned()
             .collect();
         all.retain(|v| self.cfg.regions.iter().any(|reg| reg == &v.region));
-        all.sort_by_key(|v| v.id);
-        let (page, next_token) = validate::page(all, r.max_entries, &r.starting_token)?;
+        let (page, next_token) = validate::page(
+            all,
+            |v| v.id,
+            |t| t.parse().ok(),
+            r.max_entries,
+            &r.starting_token,
+        )?;
         Ok(ListVolumesResponse {
             entries: page
                 .iter()
