@@ -304,7 +304,6 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 
     // With --sim the cloud is a simulator in this process; its VM in toronto is this node.
     let mut sim = None;
-    let mut sim_dir = None;
     let mut node = args.node.clone();
     let client = if args.sim {
         let backing = args.sim_backing.unwrap_or(if crate::sim::loop_available() {
@@ -312,8 +311,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         } else {
             crate::sim::Backing::Memory
         });
-        let (handle, owned_dir) = start_embedded_sim(backing, args.sim_state_dir.clone()).await?;
-        sim_dir = owned_dir;
+        let handle = start_embedded_sim(backing, args.sim_state_dir.clone()).await?;
         tracing::info!(url = %handle.url, backing = ?handle.backing, "embedded Luna Node simulator started");
         if handle.backing == crate::sim::Backing::Memory && node_on {
             tracing::warn!(
@@ -381,9 +379,6 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(s) = sim {
         s.shutdown().await;
     }
-    if let Some(d) = sim_dir {
-        let _ = std::fs::remove_dir_all(d);
-    }
     result.map_err(|e| CliError::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
@@ -392,39 +387,18 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 async fn start_embedded_sim(
     backing: crate::sim::Backing,
     state_dir: Option<PathBuf>,
-) -> Result<(crate::sim::SimHandle, Option<PathBuf>), CliError> {
-    // A state dir we create is ours to remove at exit; one the user named is kept.
-    let (state_dir, owned) = match state_dir {
-        Some(d) => (d, None),
-        None => {
-            let d = std::env::temp_dir().join(format!("lunanode-csi-sim-{}", std::process::id()));
-            (d.clone(), Some(d))
-        }
-    };
-    std::fs::create_dir_all(&state_dir).map_err(|e| {
-        CliError::Config(format!(
-            "cannot create simulator state dir {}: {e}",
-            state_dir.display()
-        ))
-    })?;
+) -> Result<crate::sim::SimHandle, CliError> {
+    // An empty state dir makes the simulator use a temporary one that it removes at exit.
     let cfg = crate::sim::SimConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         backing,
-        by_id_dir: state_dir.join("by-id"),
-        state_dir,
+        state_dir: state_dir.unwrap_or_default(),
         vms: vec![crate::sim::VmSpec {
             region: "toronto".into(),
             name: Some("node-1".into()),
         }],
-        latency: Duration::ZERO,
-        transition: Duration::ZERO,
-        fault_rate: 0.0,
-        seed: 1,
-        refuse_delete_with_snapshots: false,
-        rate_limit_qps: None,
+        ..Default::default()
     };
-    let handle = crate::sim::SimHandle::start(cfg)
+    crate::sim::SimHandle::start(cfg)
         .await
-        .map_err(|e| CliError::Runtime(format!("cannot start the simulator: {e}")))?;
-    Ok((handle, owned))
+        .map_err(|e| CliError::Runtime(format!("cannot start the simulator: {e}")))
 }

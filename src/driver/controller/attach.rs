@@ -59,10 +59,7 @@ impl Inner {
             .as_ref()
             .ok_or_else(|| Error::invalid("volume_capability is required"))?;
         validate::capability(cap).map_err(Error::InvalidArgument)?;
-        let _guard = self.inflight.lock(
-            &format!("vol:{}", r.volume_id),
-            &format!("volume {}", r.volume_id),
-        )?;
+        let _guard = self.lock_volume(&r.volume_id)?;
         let (vref, vol) = self.volume_or_not_found(&r.volume_id).await?;
         let node = r.node_id.as_str();
         let vm_region = self.vm_region(node).await?;
@@ -141,10 +138,7 @@ impl Inner {
         deadline: Deadline,
     ) -> Result<ControllerUnpublishVolumeResponse, Error> {
         validate::required("volume_id", &r.volume_id)?;
-        let _guard = self.inflight.lock(
-            &format!("vol:{}", r.volume_id),
-            &format!("volume {}", r.volume_id),
-        )?;
+        let _guard = self.lock_volume(&r.volume_id)?;
         let Some((vref, vol)) = self.find_volume(&r.volume_id).await? else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };

@@ -100,6 +100,12 @@ impl Inner {
         )
     }
 
+    /// Claim a volume for this call; a concurrent call on it gets ABORTED.
+    fn lock_volume(&self, volume_id: &str) -> Result<super::inflight::Guard, Error> {
+        self.inflight
+            .lock(&format!("vol:{volume_id}"), &format!("volume {volume_id}"))
+    }
+
     fn topology(region: &str) -> Vec<Topology> {
         vec![Topology {
             segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), region.to_string())]),

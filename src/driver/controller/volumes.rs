@@ -518,10 +518,7 @@ impl Inner {
         r: &DeleteVolumeRequest,
     ) -> Result<DeleteVolumeResponse, Error> {
         validate::required("volume_id", &r.volume_id)?;
-        let _guard = self.inflight.lock(
-            &format!("vol:{}", r.volume_id),
-            &format!("volume {}", r.volume_id),
-        )?;
+        let _guard = self.lock_volume(&r.volume_id)?;
         let Some((vref, vol)) = self.find_volume(&r.volume_id).await? else {
             return Ok(DeleteVolumeResponse {});
         };
@@ -554,10 +551,7 @@ impl Inner {
             None => None,
         };
         let node_expansion_required = !matches!(access, Some(Access::Block));
-        let _guard = self.inflight.lock(
-            &format!("vol:{}", r.volume_id),
-            &format!("volume {}", r.volume_id),
-        )?;
+        let _guard = self.lock_volume(&r.volume_id)?;
         let (vref, vol) = self.volume_or_not_found(&r.volume_id).await?;
         let want_gb = validate::size_gb(Some(range), vol.size, 1, self.cfg.max_size_gb)?;
         if want_gb <= vol.size {
