@@ -16,6 +16,9 @@ use crate::lunanode::{Client, ClientConfig, Credentials};
 use crate::server::{self, Endpoint};
 use crate::telemetry::{self, LogFormat};
 
+/// The client-side API rate limit against the real cloud, requests per second.
+const DEFAULT_QPS: f64 = 10.0;
+
 /// Kubernetes CSI driver for Luna Node block-storage volumes.
 #[derive(Debug, Parser)]
 #[command(name = "lunanode-csi", version, about, propagate_version = true)]
@@ -104,9 +107,10 @@ pub struct ApiArgs {
     /// File holding the API key (e.g. a mounted Secret); else LUNANODE_API_KEY.
     #[arg(long, env = "LUNANODE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
-    /// Client-side rate limit for API requests, per second (0 = off).
-    #[arg(long, env = "LUNANODE_API_QPS", default_value_t = 10.0)]
-    pub qps: f64,
+    /// Client-side rate limit for API requests, per second; 0 = off
+    /// [default: 10, or off with --sim, whose simulator has no limit unless asked]
+    #[arg(long, env = "LUNANODE_API_QPS")]
+    pub qps: Option<f64>,
     /// Requests allowed in a burst above the rate limit.
     #[arg(long, env = "LUNANODE_API_BURST", default_value_t = 20)]
     pub burst: u32,
@@ -125,12 +129,17 @@ impl ApiArgs {
             std::env::var("LUNANODE_API_KEY").ok().as_deref(),
         )
         .map_err(|e| CliError::Config(e.to_string()))?;
-        self.client_with(creds, &self.api_url)
+        self.client_with(creds, &self.api_url, DEFAULT_QPS)
     }
 
-    fn client_with(&self, creds: Credentials, url: &str) -> Result<Client, CliError> {
+    fn client_with(
+        &self,
+        creds: Credentials,
+        url: &str,
+        default_qps: f64,
+    ) -> Result<Client, CliError> {
         let mut cfg = ClientConfig::new(url, creds);
-        cfg.qps = self.qps;
+        cfg.qps = self.qps.unwrap_or(default_qps);
         cfg.burst = self.burst;
         cfg.request_timeout = Duration::from_secs(self.api_timeout_secs.max(1));
         Client::new(cfg).map_err(|e| CliError::Config(e.to_string()))
@@ -328,7 +337,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         node.by_id_dir = handle.by_id_dir.clone();
         let creds = Credentials::new(&handle.api_id, &handle.api_key)
             .map_err(|e| CliError::Runtime(e.to_string()))?;
-        let client = args.api.client_with(creds, &handle.url)?;
+        let client = args.api.client_with(creds, &handle.url, 0.0)?;
         sim = Some(handle);
         Some(client)
     } else if controller_on {

@@ -150,6 +150,22 @@ pub fn check_path(field: &str, value: &str) -> Result<PathBuf> {
     Ok(p.to_path_buf())
 }
 
+/// The path of a volume that should already be published (NodeGetVolumeStats,
+/// NodeExpandVolume). A path that cannot be one the driver published names no volume:
+/// NOT_FOUND, as the spec's "volume does not exist on the specified path". A relative path
+/// is never resolved against the driver's working directory.
+fn published_path(field: &str, value: &str) -> Result<PathBuf> {
+    require(field, value)?;
+    let p = Path::new(value);
+    if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || value.contains('\0')
+    {
+        return Err(Error::NotFound(format!(
+            "no volume is published at {value:?}: {field} must be the absolute path the volume was published or staged at"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
 /// How the volume is accessed, from a validated capability.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Access {
@@ -736,7 +752,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         rpc("NodeGetVolumeStats", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
-            let path = check_path("volume_path", &req.volume_path)?;
+            let path = published_path("volume_path", &req.volume_path)?;
             // Stats are read-only: no in-flight guard, so they never block a stage.
             tokio::task::spawn_blocking(move || {
                 let meta = match std::fs::metadata(&path) {
@@ -766,7 +782,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         rpc("NodeExpandVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
-            let path = check_path("volume_path", &req.volume_path)?;
+            let path = published_path("volume_path", &req.volume_path)?;
             let block = match req.volume_capability.as_ref() {
                 Some(cap) => check_capability(Some(cap))?.access == Access::Block,
                 None => false,
@@ -863,6 +879,19 @@ mod tests {
             let e = check_path("p", bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn paths_that_cannot_be_published_name_no_volume() {
+        assert_eq!(
+            published_path("p", "").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        for bad in ["some/path", "/a/../etc", "../x"] {
+            let e = published_path("p", bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::NotFound, "{bad:?}");
+        }
+        assert!(published_path("p", "/var/lib/kubelet/pods/x/volumes").is_ok());
     }
 
     #[test]
