@@ -602,6 +602,10 @@ async fn snapshots_are_idempotent_and_listed_with_paging() {
         .unwrap();
     assert_eq!(again.snapshot_id, s1.snapshot_id);
     assert_eq!(
+        again.creation_time, s1.creation_time,
+        "the creation time is stable"
+    );
+    assert_eq!(
         code(c.create_snapshot(snap("snap-1", &v2.volume_id)).await),
         Code::AlreadyExists
     );

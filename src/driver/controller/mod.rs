@@ -71,6 +71,8 @@ pub(crate) struct Inner {
     /// VM ID → region. A VM never changes region, so this never goes stale; a VM that is
     /// deleted is caught by the cloud when attaching to it.
     vm_regions: Mutex<HashMap<String, String>>,
+    /// Snapshot ID → when this process first saw it (the API gives no snapshot time).
+    snapshot_first_seen: Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
 impl ControllerService {
@@ -82,6 +84,7 @@ impl ControllerService {
                 cfg,
                 inflight: InFlight::default(),
                 vm_regions: Mutex::new(HashMap::new()),
+                snapshot_first_seen: Mutex::new(HashMap::new()),
             }),
         }
     }

@@ -8,15 +8,20 @@ use crate::driver::ids::{SnapshotRef, VolumeRef};
 use crate::driver::validate;
 use crate::lunanode::{ApiError, Readiness, Snapshot as CloudSnapshot};
 
-fn csi_snapshot(s: &CloudSnapshot, region: &str) -> crate::csi::Snapshot {
+fn csi_snapshot(inner: &Inner, s: &CloudSnapshot, region: &str) -> crate::csi::Snapshot {
     let creation_time = validate::timestamp(s.created_at()).or_else(|| {
-        // The API reference shows no snapshot timestamp; the spec requires one.
-        let now = std::time::SystemTime::now()
+        // The API reference shows no snapshot timestamp but the spec requires one: use the
+        // time this process first saw the snapshot, so repeated answers agree.
+        let mut seen = inner.snapshot_first_seen.lock().expect("snapshot times");
+        let first = *seen
+            .entry(s.id.clone())
+            .or_insert_with(std::time::SystemTime::now);
+        let since = first
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         Some(prost_types::Timestamp {
-            seconds: now.as_secs() as i64,
-            nanos: 0,
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
         })
     });
     crate::csi::Snapshot {
@@ -172,7 +177,7 @@ impl Inner {
                 )));
             }
             return Ok(CreateSnapshotResponse {
-                snapshot: Some(csi_snapshot(existing, &src.region)),
+                snapshot: Some(csi_snapshot(self, existing, &src.region)),
             });
         }
         // Another region may hold the name too; names are the CO's idempotency key.
@@ -191,7 +196,7 @@ impl Inner {
             ))
         })?;
         Ok(CreateSnapshotResponse {
-            snapshot: Some(csi_snapshot(&snap, &src.region)),
+            snapshot: Some(csi_snapshot(self, &snap, &src.region)),
         })
     }
 
@@ -272,7 +277,7 @@ impl Inner {
             entries: page
                 .iter()
                 .map(|(region, s)| list_snapshots_response::Entry {
-                    snapshot: Some(csi_snapshot(s, region)),
+                    snapshot: Some(csi_snapshot(self, s, region)),
                 })
                 .collect(),
             next_token,
