@@ -280,3 +280,137 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..len).map(|_| rng.u8(..)).collect()
 }
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
+
+/// The real binary serving all services against `sim`, in its own process group (so a
+/// SIGKILL of the group also kills a mkfs it started, as when a container dies).
+pub struct BinDriver {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl BinDriver {
+    /// Start `lunanode-csi serve --mode all` on `socket` with `extra` arguments.
+    pub async fn start(sim: &SimHandle, node_id: &str, socket: &Path, extra: &[&str]) -> BinDriver {
+        use std::os::unix::process::CommandExt;
+        let n = LOG_SEQ.fetch_add(1, Ordering::Relaxed);
+        let log = socket.with_file_name(format!("driver-{n}.log"));
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(BIN)
+            .args([
+                "serve",
+                "--mode",
+                "all",
+                "--endpoint",
+                &format!("unix://{}", socket.display()),
+                "--api-url",
+                &sim.url,
+                "--qps",
+                "0",
+                "--api-timeout-secs",
+                "5",
+                "--node-id",
+                node_id,
+                "--region",
+                "toronto",
+                "--by-id-dir",
+                sim.by_id_dir.to_str().unwrap(),
+                "--device-wait-secs",
+                "10",
+                "--shutdown-grace-secs",
+                "20",
+            ])
+            .args(extra)
+            .env("LUNANODE_API_ID", &sim.api_id)
+            .env("LUNANODE_API_KEY", &sim.api_key)
+            .env_remove("RUST_LOG")
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .process_group(0)
+            .spawn()
+            .expect("start lunanode-csi");
+        let mut d = BinDriver {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        d.wait_ready().await;
+        d
+    }
+
+    async fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "driver exited early ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("driver socket {} never appeared", self.socket.display());
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(crate::common::channel(&self.socket).await)
+    }
+
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(crate::common::channel(&self.socket).await)
+    }
+
+    /// SIGKILL the whole process group and reap the driver.
+    pub fn kill(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM the driver and wait (at most `limit`) for it to exit.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BinDriver {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
+}
+
+static LOG_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Wait until `cond` holds on the simulator's state (polled every 2 ms), at most `limit`.
+pub async fn until_state(sim: &SimHandle, limit: Duration, cond: impl Fn(&SimState) -> bool) {
+    let start = Instant::now();
+    while !cond(&sim.state()) {
+        assert!(
+            start.elapsed() < limit,
+            "the simulator never reached the awaited state: {}",
+            objects(&sim.state())
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
