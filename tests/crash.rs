@@ -81,7 +81,10 @@ where
 async fn expect_cut_off(task: tokio::task::JoinHandle<Result<(), tonic::Status>>) {
     if let Ok(Err(s)) = task.await {
         assert!(
-            matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled),
+            matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
             "a call cut off by the crash fails as the transport failing: {s:?}"
         );
     }
@@ -104,7 +107,10 @@ async fn create_volume_killed_before_and_after_the_cloud_acted() {
             .await
             .map(drop)
     });
-    until_state(&sim, Duration::from_secs(10), |s| labelled(s, "pvc-crash-1") == 1).await;
+    until_state(&sim, Duration::from_secs(10), |s| {
+        labelled(s, "pvc-crash-1") == 1
+    })
+    .await;
     d.kill();
     expect_cut_off(task).await;
     // 2. Killed while volume/list (the name lookup) was still on the wire.
@@ -274,7 +280,12 @@ async fn create_snapshot_killed_after_the_cloud_acted_gives_one_snapshot() {
     .snapshot
     .unwrap();
     let s = sim.state();
-    assert_eq!(s.snapshots.len(), 1, "exactly one snapshot: {:?}", s.snapshots);
+    assert_eq!(
+        s.snapshots.len(),
+        1,
+        "exactly one snapshot: {:?}",
+        s.snapshots
+    );
     assert_eq!(snap.snapshot_id, format!("toronto/{}", s.snapshots[0].id));
     assert_eq!(snap.source_volume_id, vol);
     drop(d);
@@ -310,9 +321,7 @@ async fn cross_region_restore_killed_between_replicate_and_create_and_before_cle
     .snapshot_id;
     drop(d);
 
-    let restore = |name: &str| {
-        from_snapshot(create_req(name, 1, Some("montreal")), &snap)
-    };
+    let restore = |name: &str| from_snapshot(create_req(name, 1, Some("montreal")), &snap);
     // Replication takes 2 s: kill while the image is pending (after replicate, before create).
     sim.set_transition(Duration::from_secs(2));
     let mut d = BinDriver::start(&sim, &node, &sock, &[]).await;
@@ -328,8 +337,16 @@ async fn cross_region_restore_killed_between_replicate_and_create_and_before_cle
     let s = sim.state();
     assert_eq!(labelled(&s, "pvc-restore-1"), 1);
     assert!(v.volume_id.starts_with("montreal/"), "{v:?}");
-    assert!(s.images.is_empty(), "no temporary image left: {:?}", s.images);
-    assert_eq!(sim.state().calls["volume/snapshot-replicate"], 1, "the image was reused");
+    assert!(
+        s.images.is_empty(),
+        "no temporary image left: {:?}",
+        s.images
+    );
+    assert_eq!(
+        sim.state().calls["volume/snapshot-replicate"],
+        1,
+        "the image was reused"
+    );
 
     // Kill after the volume was created from the image, before the image was deleted.
     let mut d = BinDriver::start(&sim, &node, &sock, &[]).await;
@@ -342,13 +359,26 @@ async fn cross_region_restore_killed_between_replicate_and_create_and_before_cle
     .await;
     d.kill();
     expect_cut_off(task).await;
-    assert_eq!(sim.state().images.len(), 1, "the crash left the image behind");
+    assert_eq!(
+        sim.state().images.len(),
+        1,
+        "the crash left the image behind"
+    );
     let d = BinDriver::start(&sim, &node, &sock, &[]).await;
     create_retrying(&d, &stats, restore("pvc-restore-2")).await;
     let s = sim.state();
     assert_eq!(labelled(&s, "pvc-restore-2"), 1);
-    assert!(s.images.is_empty(), "no temporary image left: {:?}", s.images);
-    assert_eq!(s.snapshots.len(), 1, "only the user's snapshot: {:?}", s.snapshots);
+    assert!(
+        s.images.is_empty(),
+        "no temporary image left: {:?}",
+        s.images
+    );
+    assert_eq!(
+        s.snapshots.len(),
+        1,
+        "only the user's snapshot: {:?}",
+        s.snapshots
+    );
     drop(d);
     sim.shutdown().await;
 }
@@ -365,7 +395,10 @@ fn group_has(pgid: u32, comm: &str) -> bool {
         let Some((_, rest)) = stat.rsplit_once(") ") else {
             return false;
         };
-        let pgrp = rest.split_whitespace().nth(2).and_then(|s| s.parse::<u32>().ok());
+        let pgrp = rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse::<u32>().ok());
         pgrp == Some(pgid)
             && std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == comm)
     })
