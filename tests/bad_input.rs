@@ -1463,8 +1463,8 @@ fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
-        any::<u64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
         any::<f64>()
             .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         "\\PC{0,24}".prop_map(Value::String),
@@ -1479,6 +1479,9 @@ fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
     })
 }
 
+/// The next HTTP status and body the fake cloud answers with.
+type Reply = std::sync::Arc<std::sync::Mutex<(u16, Vec<u8>)>>;
+
 /// The client end to end on arbitrary replies: a local HTTP server answers every request
 /// with the next generated status and body; every typed client method must return (Ok or
 /// a classified error), never panic.
@@ -1491,12 +1494,12 @@ fn client_survives_arbitrary_replies() {
     use std::sync::{Arc, Mutex};
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let reply: Arc<Mutex<(u16, Vec<u8>)>> = Arc::new(Mutex::new((200, Vec::new())));
+    let reply: Reply = Arc::new(Mutex::new((200, Vec::new())));
     let (url, client) = rt.block_on(async {
         let app = axum::Router::new()
             .route(
                 "/api/{c}/{a}/",
-                axum::routing::post(|State(r): State<Arc<Mutex<(u16, Vec<u8>)>>>| async move {
+                axum::routing::post(|State(r): State<Reply>| async move {
                     let (code, body) = r.lock().unwrap().clone();
                     (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body)
                 }),
