@@ -787,6 +787,19 @@ impl Node for NodeService {
                 Some(cap) => check_capability(Some(cap))?.access == Access::Block,
                 None => false,
             };
+            if let Some(r) = req.capacity_range.as_ref() {
+                // Checked before anything else, as the controller does: a negative size
+                // must not silently mean "any size".
+                if r.required_bytes < 0 || r.limit_bytes < 0 {
+                    return Err(Error::invalid("capacity_range bytes must not be negative"));
+                }
+                if r.limit_bytes > 0 && r.required_bytes > r.limit_bytes {
+                    return Err(Error::OutOfRange(format!(
+                        "capacity_range: required_bytes {} is larger than limit_bytes {}",
+                        r.required_bytes, r.limit_bytes
+                    )));
+                }
+            }
             let required = req
                 .capacity_range
                 .as_ref()

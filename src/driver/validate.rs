@@ -148,7 +148,7 @@ pub fn size_gb(
     }
     if gb < min_gb || gb > max_gb {
         return Err(Error::OutOfRange(format!(
-            "{gb} GB is outside the allowed range {min_gb}..={max_gb} GB"
+            "capacity_range (required_bytes {required}, limit_bytes {limit}) asks for {gb} GB, outside the allowed range {min_gb}..={max_gb} GB"
         )));
     }
     Ok(gb)

@@ -270,7 +270,15 @@ impl Inner {
         if from_source && vol.size < size_gb {
             vol = self.extend_and_wait(&vref, size_gb, deadline).await?;
         }
-        self.cleanup_restore_leftovers(&r.name, region).await;
+        self.cleanup_restore_leftovers(&r.name, region).await?;
+        if let Some(Source::Volume(src)) = r
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+            && let Ok(src) = src.volume_id.parse::<VolumeRef>()
+        {
+            self.cleanup_clone_snapshot(&r.name, &src).await?;
+        }
         Ok(CreateVolumeResponse {
             volume: Some(csi_volume(&vol, region, r.volume_content_source.clone())),
         })
@@ -428,7 +436,7 @@ impl Inner {
                 deadline,
             )
             .await?;
-        self.cleanup_restore_leftovers(name, region).await;
+        self.cleanup_restore_leftovers(name, region).await?;
         Ok(vol)
     }
 
@@ -441,21 +449,57 @@ impl Inner {
             .min())
     }
 
-    /// Remove the temporary image of a cross-region restore and the temporary snapshot of
-    /// a clone, if an earlier (interrupted) call left them. Failures are logged, not
-    /// returned: the volume is fine, and the next call or the operator can retry.
-    async fn cleanup_restore_leftovers(&self, name: &str, region: &str) {
+    /// Remove the temporary image of a cross-region restore, if this or an earlier
+    /// (interrupted) call left it. A retryable failure is returned (UNAVAILABLE), so the CO
+    /// retries the CreateVolume, which finds the volume and cleans up again: a best-effort
+    /// cleanup leaked one image in every few restores when the cloud was failing requests.
+    /// Other failures are logged: the volume is fine and an operator can delete the image.
+    async fn cleanup_restore_leftovers(&self, name: &str, region: &str) -> Result<(), Error> {
         let image_name = restore_image_name(name);
-        if let Ok(images) = self.client.image_list(Some(region)).await {
-            for img in images.iter().filter(|i| i.name == image_name) {
-                match self.client.image_delete(img.image_id).await {
-                    Ok(()) | Err(ApiError::NotFound { .. }) => {}
-                    Err(e) => {
-                        tracing::warn!(image = img.image_id, error = %e, "could not delete temporary restore image")
-                    }
+        let images = self
+            .client
+            .image_list(Some(region))
+            .await
+            .map_err(|e| leftover_error(name, "restore image", e))?;
+        for img in images.iter().filter(|i| i.name == image_name) {
+            match self.client.image_delete(img.image_id).await {
+                Ok(()) | Err(ApiError::NotFound { .. }) => {}
+                Err(e) if e.is_retryable() => return Err(leftover_error(name, "restore image", e)),
+                Err(e) => {
+                    tracing::warn!(image = img.image_id, error = %e, "could not delete temporary restore image")
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Remove the temporary snapshot a clone of `src` named `name` made, if it is still
+    /// there (the same rules as [`Self::cleanup_restore_leftovers`]).
+    async fn cleanup_clone_snapshot(&self, name: &str, src: &VolumeRef) -> Result<(), Error> {
+        if !self.cfg.regions.contains(&src.region) {
+            return Ok(());
+        }
+        let label = clone_snapshot_name(name);
+        let snaps = self
+            .client
+            .snapshot_list(&src.region)
+            .await
+            .map_err(|e| leftover_error(name, "clone snapshot", e))?;
+        for s in snaps
+            .iter()
+            .filter(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
+        {
+            match self.client.snapshot_delete(&src.region, &s.id).await {
+                Ok(()) | Err(ApiError::NotFound { .. }) => {}
+                Err(e) if e.is_retryable() => {
+                    return Err(leftover_error(name, "clone snapshot", e));
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %s.id, error = %e, "could not delete the clone's temporary snapshot")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A clone goes through a temporary snapshot (named after the new volume, so a retry
@@ -504,12 +548,7 @@ impl Inner {
             self.restore_across_regions(name, region, size_gb, &sref, deadline)
                 .await?
         };
-        match self.client.snapshot_delete(&sref.region, &sref.uuid).await {
-            Ok(()) | Err(ApiError::NotFound { .. }) => {}
-            Err(e) => {
-                tracing::warn!(snapshot = %sref, error = %e, "could not delete the clone's temporary snapshot")
-            }
-        }
+        self.cleanup_clone_snapshot(name, &src).await?;
         Ok(vol)
     }
 
@@ -658,6 +697,18 @@ impl Inner {
             }),
             message: String::new(),
         })
+    }
+}
+
+/// The volume exists but a temporary object could not be removed yet: retryable.
+fn leftover_error(name: &str, what: &str, e: ApiError) -> Error {
+    let msg = format!(
+        "volume {name:?} is ready but its temporary {what} could not be removed yet ({e}); retry"
+    );
+    if e.is_retryable() {
+        Error::Unavailable(msg)
+    } else {
+        Error::from(e)
     }
 }
 
