@@ -92,7 +92,12 @@ impl Endpoint {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e.to_string())),
         }
-        let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+        // Bind under a restrictive umask so the socket is never reachable by others, not
+        // even between bind and chmod. Start-up is the only place the process binds.
+        let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old_mask);
+        let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
         // Only the sidecars and kubelet (root, same pod or host) need the socket.
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .map_err(|e| err(format!("cannot set permissions: {e}")))?;

@@ -1103,11 +1103,13 @@ fn node_cases(e: &Env, dir: &std::path::Path, cases: &mut Vec<Case>) {
             ..Default::default()
         }
     );
+    // A path the driver can never have published names no volume: NOT_FOUND, which is
+    // also what csi-sanity expects for a relative volume_path here.
     for (what, p) in bad_paths() {
         case!(
             cases,
             format!("NodeGetVolumeStats {what}"),
-            Code::InvalidArgument,
+            Code::NotFound,
             "volume_path",
             n,
             node_get_volume_stats,
@@ -1162,11 +1164,13 @@ fn node_cases(e: &Env, dir: &std::path::Path, cases: &mut Vec<Case>) {
             ..good_nexp.clone()
         }
     );
+    // A path the driver can never have published names no volume: NOT_FOUND, which is
+    // also what csi-sanity expects for a relative volume_path here.
     for (what, p) in bad_paths() {
         case!(
             cases,
             format!("NodeExpand {what}"),
-            Code::InvalidArgument,
+            Code::NotFound,
             "volume_path",
             n,
             node_expand_volume,
