@@ -123,7 +123,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     let played_ok = failure.is_none();
     let cleaned = rep
         .step(
-            "Clean up: stop the driver and simulator; no mounts, loop devices or files left",
+            "Clean up: stop driver and simulator; no mounts, loop devices, files left",
             finish(env, &mut ledger, &dir, played_ok),
         )
         .await;
@@ -253,11 +253,9 @@ async fn setup(
     transition: Duration,
 ) -> Result<Env, Failure> {
     let name = match backing {
-        Backing::Loop => {
-            "Start the Luna Node simulator (loop backing) with VMs in toronto and montreal"
-        }
+        Backing::Loop => "Start the simulated cloud (loop backing), VMs in toronto and montreal",
         Backing::Memory => {
-            "Start the Luna Node simulator (memory backing) with VMs in toronto and montreal"
+            "Start the simulated cloud (memory backing), VMs in toronto and montreal"
         }
     };
     let (sim, mtl) = rep
@@ -278,7 +276,7 @@ async fn setup(
         })
         .await?;
     rep.step(
-        "Start the driver: controller+node for node-1, node for node-mtl, on unix sockets",
+        "Start the driver: controller+node for node-1, node for node-mtl",
         async {
             match Env::start(dir, sim, mtl).await {
                 Ok(env) => {
@@ -484,39 +482,57 @@ async fn play(env: &mut Env, rep: &mut Reporter, led: &mut Ledger) -> Result<(),
     // ---- snapshot, restore into montreal, verify -------------------------------------------
     let snap_name = format!("snapshot-{}", uuid::Uuid::new_v4());
     let snap = rep
-        .step(format!("CreateSnapshot of {v1}"), async {
-            let r = env
-                .controller
-                .clone()
-                .create_snapshot(req(CreateSnapshotRequest {
-                    source_volume_id: v1.clone(),
-                    name: snap_name.clone(),
-                    ..Default::default()
-                }))
-                .await
-                .map_err(st)?
-                .into_inner();
-            let s = r.snapshot.ok_or("no snapshot in the response")?;
-            led.snapshots.push(s.snapshot_id.clone());
-            if !s.ready_to_use || s.source_volume_id != v1 {
-                return Err(format!(
-                    "snapshot {} ready={} of {:?}",
-                    s.snapshot_id, s.ready_to_use, s.source_volume_id
-                ));
-            }
-            let d = format!(
-                "snapshot {} ({}), ready to use",
-                s.snapshot_id,
-                human_bytes(s.size_bytes)
-            );
-            Ok((s.snapshot_id, d))
-        })
+        .step(
+            format!("CreateSnapshot of {v1}, repeated until ready to use"),
+            async {
+                // Like csi-snapshotter: CreateSnapshot is idempotent by name, and is called
+                // again until the snapshot is ready to use.
+                let started = tokio::time::Instant::now();
+                let mut calls = 0;
+                loop {
+                    calls += 1;
+                    let r = env
+                        .controller
+                        .clone()
+                        .create_snapshot(req(CreateSnapshotRequest {
+                            source_volume_id: v1.clone(),
+                            name: snap_name.clone(),
+                            ..Default::default()
+                        }))
+                        .await
+                        .map_err(st)?
+                        .into_inner();
+                    let s = r.snapshot.ok_or("no snapshot in the response")?;
+                    if !led.snapshots.contains(&s.snapshot_id) {
+                        led.snapshots.push(s.snapshot_id.clone());
+                    }
+                    if s.source_volume_id != v1 {
+                        return Err(format!(
+                            "snapshot {} names source {:?}",
+                            s.snapshot_id, s.source_volume_id
+                        ));
+                    }
+                    if s.ready_to_use {
+                        let d = format!(
+                            "snapshot {} ({}), ready to use after {calls} call(s)",
+                            s.snapshot_id,
+                            human_bytes(s.size_bytes)
+                        );
+                        return Ok((s.snapshot_id, d));
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        return Err(format!("snapshot {} not ready after 60s", s.snapshot_id));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        )
         .await?;
 
     let pv2 = format!("pvc-{}", uuid::Uuid::new_v4());
     let v2 = rep
         .step(
-            "CreateVolume from the snapshot in another region (StorageClass region: montreal)",
+            "CreateVolume from the snapshot in montreal (StorageClass region: montreal)",
             async {
                 let r = env
                     .controller

@@ -36,7 +36,7 @@ pub type StepOutput<T> = Result<(T, String), String>;
 
 /// Longest a single step may take before it is reported as failed.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
-const NAME_WIDTH: usize = 66;
+const NAME_WIDTH: usize = 76;
 
 /// Prints steps and keeps their results.
 pub struct Reporter {
@@ -170,7 +170,11 @@ impl Reporter {
 
 /// A step's duration as printed.
 pub fn secs(d: Duration) -> String {
-    format!("{:.2}s", d.as_secs_f64())
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
 }
 
 /// Bytes in binary units, as `df -h` shows them.
@@ -216,6 +220,8 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(2 << 30), "2.0 GiB");
+        assert_eq!(secs(Duration::from_millis(42)), "42 ms");
+        assert_eq!(secs(Duration::from_millis(1500)), "1.50 s");
     }
 
     #[tokio::test]
