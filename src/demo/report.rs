@@ -144,10 +144,8 @@ impl Reporter {
         } else {
             secs(elapsed)
         };
-        let _ = writeln!(
-            out,
-            "{number:>3}. {name:<NAME_WIDTH$} {status:<7} {time:>7}"
-        );
+        let line = format!("{number:>3}. {name:<NAME_WIDTH$} {status:<7} {time:>7}");
+        let _ = writeln!(out, "{}", line.trim_end());
         for line in detail.lines().filter(|l| !l.trim().is_empty()) {
             let _ = writeln!(out, "       {line}");
         }
