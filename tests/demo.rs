@@ -124,7 +124,9 @@ fn memory_backing_skips_node_steps_and_runs_every_controller_step() {
         "DeleteVolume",
     ] {
         assert!(
-            steps.iter().any(|l| l.contains(needle) && status(l) == "ok"),
+            steps
+                .iter()
+                .any(|l| l.contains(needle) && status(l) == "ok"),
             "{needle} ran"
         );
     }
@@ -151,7 +153,10 @@ fn a_failed_step_is_named_exits_1_and_still_cleans_up() {
     let failed: Vec<_> = steps.iter().filter(|l| status(l) == "FAILED").collect();
     assert_eq!(failed.len(), 1, "{steps:?}");
     let cleanup = steps.last().unwrap();
-    assert!(cleanup.contains("Clean up") && status(cleanup) == "ok", "{cleanup}");
+    assert!(
+        cleanup.contains("Clean up") && status(cleanup) == "ok",
+        "{cleanup}"
+    );
     assert!(stdout.contains("cleaned up"), "the ledger was undone");
     assert_nothing_left(&temp_dir(&stdout));
 }

@@ -141,7 +141,11 @@ impl Stack {
             .into_inner()
     }
 
-    async fn expand(&mut self, vol: &str, gib: i64) -> Result<ControllerExpandVolumeResponse, tonic::Status> {
+    async fn expand(
+        &mut self,
+        vol: &str,
+        gib: i64,
+    ) -> Result<ControllerExpandVolumeResponse, tonic::Status> {
         self.ctrl
             .controller_expand_volume(ControllerExpandVolumeRequest {
                 volume_id: vol.into(),
@@ -230,7 +234,9 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
     let target = root.join("kubelet/pods/pod-1/volumes/pvc-e2e/mount");
     let ctx = st.publish(&vol).await;
     st.stage_and_publish(&vol, &ctx, &staging, &target).await;
-    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(target.join("data.bin"), &data).unwrap();
     nix::unistd::sync();
     let before = bytes_total(&st.stats(&vol, &target).await);
@@ -242,7 +248,11 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
 
     // tear down → expand offline
     st.tear_down(&vol, &staging, &target).await;
-    assert!(lunanode_csi::volumes::mount::mount_at(&staging).unwrap().is_none());
+    assert!(
+        lunanode_csi::volumes::mount::mount_at(&staging)
+            .unwrap()
+            .is_none()
+    );
     let r = st.expand(&vol, 2).await.expect("ControllerExpandVolume");
     assert_eq!(r.capacity_bytes, 2 * GIB);
     assert!(r.node_expansion_required);
@@ -251,7 +261,10 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
 
     // publish + stage again: the data is there and the filesystem is bigger
     let ctx = st.publish(&vol).await;
-    assert_eq!(ctx.get("size_bytes").map(String::as_str), Some(&*(2 * GIB).to_string()));
+    assert_eq!(
+        ctx.get("size_bytes").map(String::as_str),
+        Some(&*(2 * GIB).to_string())
+    );
     st.stage_and_publish(&vol, &ctx, &staging, &target).await;
     assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), data);
     let after = bytes_total(&st.stats(&vol, &target).await);
@@ -275,7 +288,10 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
     server.await.unwrap();
     let sim_dir = sim.state_dir().to_path_buf();
     sim.shutdown().await;
-    let losetup = std::process::Command::new("losetup").arg("-a").output().unwrap();
+    let losetup = std::process::Command::new("losetup")
+        .arg("-a")
+        .output()
+        .unwrap();
     let shown = s(&sim_dir);
     assert!(
         !String::from_utf8_lossy(&losetup.stdout).contains(&shown),
