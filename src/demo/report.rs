@@ -138,18 +138,19 @@ impl Reporter {
     }
 
     fn print(&self, number: usize, name: &str, status: &str, elapsed: Duration, detail: &str) {
-        let mut out = std::io::stdout().lock();
         let time = if status == "skipped" {
             String::new()
         } else {
             secs(elapsed)
         };
         let line = format!("{number:>3}. {name:<NAME_WIDTH$} {status:<7} {time:>7}");
-        let _ = writeln!(out, "{}", line.trim_end());
+        let mut text = format!("{}\n", line.trim_end());
         for line in detail.lines().filter(|l| !l.trim().is_empty()) {
-            let _ = writeln!(out, "       {line}");
+            text.push_str(&format!("       {line}\n"));
         }
-        let _ = out.flush();
+        // print! (not a raw stdout handle) so that unit tests capture it.
+        print!("{text}");
+        let _ = std::io::stdout().flush();
     }
 
     /// Counts of ok, failed and skipped steps.
