@@ -193,6 +193,11 @@ pub fn human_bytes(b: i64) -> String {
 }
 
 fn spin(number: usize, name: String) -> tokio::task::JoinHandle<()> {
+    // Short enough for an 80-column terminal: a wrapped line cannot be redrawn with \r.
+    let name: String = match name.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &name[..i]),
+        None => name,
+    };
     tokio::spawn(async move {
         const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
         let start = Instant::now();
