@@ -51,6 +51,21 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the Luna Node API simulator.
     Sim(crate::sim::SimArgs),
+    /// Show the driver working: a simulated cloud, real loop devices, and the CSI calls
+    /// Kubernetes makes, step by step.
+    Demo(crate::demo::DemoArgs),
+    /// Operate on Luna Node volumes (every action of the volume API).
+    #[command(subcommand)]
+    Volume(crate::ops::VolumeCommand),
+    /// Operate on volume snapshots.
+    #[command(subcommand)]
+    Snapshot(crate::ops::SnapshotCommand),
+    /// List virtual machines (the IDs volumes attach to).
+    #[command(subcommand)]
+    Vm(crate::ops::VmCommand),
+    /// List and delete images (what `snapshot replicate` makes).
+    #[command(subcommand)]
+    Image(crate::ops::ImageCommand),
 }
 
 /// Which CSI services this process offers.
@@ -263,7 +278,12 @@ impl NodeArgs {
 /// configuration (nothing was started), 1 for a failure while running.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, &cli.log_level);
+    // The demo prints its own story; the driver's per-RPC logs would drown it.
+    let level = match &cli.command {
+        Command::Demo(d) if !d.verbose => "warn",
+        _ => &cli.log_level,
+    };
+    telemetry::init(cli.log_format, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -299,6 +319,11 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Sim(args) => crate::sim::run(args)
             .await
             .map_err(|e| CliError::Runtime(e.to_string())),
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Volume(c) => crate::ops::volume(c).await,
+        Command::Snapshot(c) => crate::ops::snapshot(c).await,
+        Command::Vm(c) => crate::ops::vm(c).await,
+        Command::Image(c) => crate::ops::image(c).await,
     }
 }
 
@@ -347,25 +372,15 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let identity = IdentityService::new(controller_on, ready.clone());
     let controller = match (&client, controller_on) {
-        (Some(c), true) => Some(crate::csi::controller_server::ControllerServer::new(
-            ControllerService::new(c.clone(), controller_cfg),
-        )),
+        (Some(c), true) => Some((c.clone(), controller_cfg)),
         _ => None,
     };
-    let node_service = if node_on {
-        let cfg = node.config(client.as_ref()).await?;
-        Some(crate::csi::node_server::NodeServer::new(
-            NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?,
-        ))
-    } else {
-        None
+    let node_cfg = match node_on {
+        true => Some(node.config(client.as_ref()).await?),
+        false => None,
     };
-    let router = tonic::transport::Server::builder()
-        .add_service(crate::csi::identity_server::IdentityServer::new(identity))
-        .add_optional_service(controller)
-        .add_optional_service(node_service);
+    let router = csi_router(controller, node_cfg, ready.clone())?;
     let listener = match endpoint.bind() {
         Ok(l) => l,
         Err(e) => {
@@ -391,6 +406,29 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     result.map_err(|e| CliError::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The CSI services of one driver process: Identity always, the Controller when given a
+/// client and its settings, the Node when given its settings. `serve` and `demo` both build
+/// their servers here, so the demo runs exactly what a deployment runs.
+pub fn csi_router(
+    controller: Option<(Client, ControllerConfig)>,
+    node: Option<NodeConfig>,
+    ready: Arc<AtomicBool>,
+) -> Result<tonic::transport::server::Router, CliError> {
+    let identity = IdentityService::new(controller.is_some(), ready);
+    let controller = controller.map(|(client, cfg)| {
+        crate::csi::controller_server::ControllerServer::new(ControllerService::new(client, cfg))
+    });
+    let node = node
+        .map(NodeService::new)
+        .transpose()
+        .map_err(|e| CliError::Config(e.to_string()))?
+        .map(crate::csi::node_server::NodeServer::new);
+    Ok(tonic::transport::Server::builder()
+        .add_service(crate::csi::identity_server::IdentityServer::new(identity))
+        .add_optional_service(controller)
+        .add_optional_service(node))
 }
 
 async fn start_embedded_sim(

@@ -9,10 +9,14 @@
 //!   stats, resize), with no knowledge of CSI or of the cloud.
 //! - [`sim`]: a simulator of the Luna Node API, so the whole driver runs on one machine.
 //! - [`server`]: serving the CSI services on a unix socket, with graceful shutdown.
+//! - [`demo`] and [`ops`]: `lunanode-csi demo` (the driver end to end on one machine) and
+//!   the operator commands (`volume`, `snapshot`, `vm`, `image`).
 
 pub mod cli;
+pub mod demo;
 pub mod driver;
 pub mod lunanode;
+pub mod ops;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
