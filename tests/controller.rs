@@ -999,3 +999,29 @@ async fn lost_replies_and_faults_never_duplicate_or_leak() {
     assert_eq!(n, 12);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn publishing_past_the_per_node_limit_is_resource_exhausted() {
+    let h = Harness::start().await;
+    let mut c = h.controller().await;
+    let a = h.vm("node-a");
+    let publish = |id: String| ControllerPublishVolumeRequest {
+        volume_id: id,
+        node_id: a.clone(),
+        volume_capability: Some(mount_cap("ext4")),
+        ..Default::default()
+    };
+    for i in 0..15 {
+        let v = create(&h, &format!("pvc-limit-{i}"), 1).await;
+        c.controller_publish_volume(publish(v.volume_id))
+            .await
+            .unwrap();
+    }
+    let extra = create(&h, "pvc-limit-extra", 1).await;
+    let err = c
+        .controller_publish_volume(publish(extra.volume_id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    h.stop().await;
+}

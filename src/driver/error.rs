@@ -90,6 +90,7 @@ impl From<ApiError> for Error {
             ApiError::NotFound { .. } => Error::NotFound(msg),
             ApiError::InvalidArgument { .. } => Error::InvalidArgument(msg),
             ApiError::WrongState { .. } => Error::FailedPrecondition(msg),
+            ApiError::LimitExceeded { .. } => Error::ResourceExhausted(msg),
             ApiError::Throttled { .. } | ApiError::Transient { .. } => Error::Unavailable(msg),
             ApiError::Auth { .. } => Error::Unauthenticated(format!(
                 "{msg}; check the API ID and key the driver was started with"

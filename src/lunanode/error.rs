@@ -13,6 +13,9 @@ pub enum ApiError {
     /// The object is in the wrong state (e.g. attached, not available).
     #[error("{action}: {message}")]
     WrongState { action: String, message: String },
+    /// A quota or hard limit was reached (e.g. no free disk slot on the VM).
+    #[error("{action}: limit reached: {message}")]
+    LimitExceeded { action: String, message: String },
     /// The cloud's rate limit was hit (HTTP 429 or a rate-limit message).
     #[error("{action}: throttled: {message}")]
     Throttled { action: String, message: String },
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::NotFound { message, .. }
             | ApiError::InvalidArgument { message, .. }
             | ApiError::WrongState { message, .. }
+            | ApiError::LimitExceeded { message, .. }
             | ApiError::Throttled { message, .. }
             | ApiError::Transient { message, .. }
             | ApiError::Auth { message, .. }
@@ -59,6 +63,8 @@ impl ApiError {
         let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
         if has(&["rate limit", "too many requests", "throttl", "slow down"]) {
             ApiError::Throttled { action, message }
+        } else if has(&["maximum of", "quota", "limit reached", "too many volumes"]) {
+            ApiError::LimitExceeded { action, message }
         } else if has(&[
             "temporarily",
             "try again",

@@ -339,6 +339,7 @@ impl SimHandle {
             Rules {
                 transition: cfg.transition,
                 refuse_delete_with_snapshots: cfg.refuse_delete_with_snapshots,
+                max_volumes_per_vm: state::MAX_VOLUMES_PER_VM,
             },
             cfg.seed,
         );

@@ -120,7 +120,12 @@ pub struct Rules {
     pub transition: Duration,
     /// Refuse `volume/delete` while the volume has snapshots.
     pub refuse_delete_with_snapshots: bool,
+    /// Volumes one VM can have attached (virtio slots minus the boot disk).
+    pub max_volumes_per_vm: usize,
 }
+
+/// The default per-VM attachment limit; the node plugin reports the same number.
+pub const MAX_VOLUMES_PER_VM: usize = 15;
 
 /// The whole cloud.
 #[derive(Debug, Clone)]
@@ -486,6 +491,17 @@ impl Cloud {
             )));
         }
         let vm_id = vm.id.clone();
+        let attached = self
+            .volumes
+            .values()
+            .filter(|o| o.vm.as_deref() == Some(vm_id.as_str()))
+            .count();
+        if attached >= self.rules.max_volumes_per_vm {
+            return Err(CloudError::new(format!(
+                "vm {vm_id} already has the maximum of {} volumes attached",
+                self.rules.max_volumes_per_vm
+            )));
+        }
         self.volumes.get_mut(&id).expect("volume exists").vm = Some(vm_id);
         self.transition(now, id, "attaching", "in-use");
         Ok(id)
@@ -698,6 +714,7 @@ mod tests {
             Rules {
                 transition: Duration::from_millis(transition_ms),
                 refuse_delete_with_snapshots: refuse,
+                max_volumes_per_vm: 2,
             },
             7,
         );
@@ -809,6 +826,29 @@ mod tests {
         );
         assert!(m.contains("invalid vm"));
         assert!(c.vm("no-such-vm").is_err());
+    }
+
+    #[test]
+    fn attachments_per_vm_are_limited() {
+        let (mut c, t, _) = cloud(0, false);
+        let n = now();
+        for i in 0..2 {
+            let (id, _) = c
+                .create_volume(n, "toronto", &format!("v{i}"), "1", None, None)
+                .unwrap();
+            c.attach(n, &id.to_string(), &t, "auto").unwrap();
+        }
+        let (id, _) = c
+            .create_volume(n, "toronto", "v3", "1", None, None)
+            .unwrap();
+        let e = c.attach(n, &id.to_string(), &t, "auto").unwrap_err();
+        assert!(
+            matches!(
+                ApiError::from_cloud_message("volume/attach", &e.to_string()),
+                ApiError::LimitExceeded { .. }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
