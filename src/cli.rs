@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Simulator state directory (default: a new temporary directory).
     #[arg(long, env = "LUNANODE_CSI_SIM_STATE_DIR", requires = "sim")]
     pub sim_state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on GET /metrics (and 200 on /healthz) at HOST:PORT; off
+    /// when unset. Port 0 picks a free port (logged).
+    #[arg(long, env = "LUNANODE_CSI_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub api: ApiArgs,
@@ -301,6 +305,13 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let controller_on = matches!(args.mode, Mode::All | Mode::Controller);
     let node_on = matches!(args.mode, Mode::All | Mode::Node);
     let controller_cfg = args.controller.config()?;
+    let (metrics, metrics_task) = match args.metrics_addr {
+        Some(addr) => {
+            let (m, task) = start_metrics(addr).await?;
+            (Some(m), Some(task))
+        }
+        None => (None, None),
+    };
 
     // With --sim the cloud is a simulator in this process; its VM in toronto is this node.
     let mut sim = None;
@@ -340,21 +351,31 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let identity = IdentityService::new(controller_on, ready.clone());
+    let mut identity = IdentityService::new(controller_on, ready.clone());
     let controller = match (&client, controller_on) {
-        (Some(c), true) => Some(crate::csi::controller_server::ControllerServer::new(
-            ControllerService::new(c.clone(), controller_cfg),
-        )),
+        (Some(c), true) => {
+            let svc = match &metrics {
+                Some(m) => ControllerService::new(c.clone().with_metrics(m.clone()), controller_cfg)
+                    .with_metrics(m.clone()),
+                None => ControllerService::new(c.clone(), controller_cfg),
+            };
+            Some(crate::csi::controller_server::ControllerServer::new(svc))
+        }
         _ => None,
     };
     let node_service = if node_on {
         let cfg = node.config(client.as_ref()).await?;
-        Some(crate::csi::node_server::NodeServer::new(
-            NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?,
-        ))
+        let mut svc = NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?;
+        if let Some(m) = &metrics {
+            svc = svc.with_metrics(m.clone());
+        }
+        Some(crate::csi::node_server::NodeServer::new(svc))
     } else {
         None
     };
+    if let Some(m) = &metrics {
+        identity = identity.with_metrics(m.clone());
+    }
     let router = tonic::transport::Server::builder()
         .add_service(crate::csi::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller)
@@ -378,6 +399,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         Duration::from_secs(args.shutdown_grace_secs),
     )
     .await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Some(s) = sim {
         s.shutdown().await;
     }
@@ -387,6 +411,28 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     result.map_err(|e| CliError::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Bind the metrics endpoint (a bad address is a configuration error) and serve it in the
+/// background until the process ends.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+) -> Result<(Arc<crate::metrics::Metrics>, tokio::task::JoinHandle<()>), CliError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Runtime(format!("metrics listener has no address: {e}")))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let m = metrics.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, m, std::future::pending()).await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    tracing::info!(addr = %bound, "serving metrics on /metrics");
+    Ok((metrics, task))
 }
 
 async fn start_embedded_sim(

@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod driver;
 pub mod lunanode;
+pub mod metrics;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

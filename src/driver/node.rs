@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{Error, Result};
 use super::inflight::{Guard, InFlight};
-use super::observe::{Ids, rpc};
+use super::observe::{Ids, Observer};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc::Type as RpcType};
 use crate::csi::volume_capability::{AccessType, access_mode::Mode};
@@ -81,6 +81,7 @@ impl NodeConfig {
 pub struct NodeService {
     cfg: Arc<NodeConfig>,
     inflight: InFlight,
+    obs: Observer,
 }
 
 impl NodeService {
@@ -104,7 +105,14 @@ impl NodeService {
         Ok(NodeService {
             cfg: Arc::new(config),
             inflight: InFlight::new(),
+            obs: Observer::default(),
         })
+    }
+
+    /// Record this service's RPCs in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.obs = Observer::with_metrics(metrics);
+        self
     }
 
     /// The service's configuration.
@@ -623,7 +631,7 @@ impl Node for NodeService {
         request: Request<NodeStageVolumeRequest>,
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeStageVolume", ids(&req.volume_id), async {
+        self.obs.rpc("NodeStageVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
@@ -651,7 +659,7 @@ impl Node for NodeService {
         request: Request<NodeUnstageVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeUnstageVolume", ids(&req.volume_id), async {
+        self.obs.rpc("NodeUnstageVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let guard = self.lock(&req.volume_id)?;
@@ -674,7 +682,7 @@ impl Node for NodeService {
         request: Request<NodePublishVolumeRequest>,
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodePublishVolume", ids(&req.volume_id), async {
+        self.obs.rpc("NodePublishVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let target = check_path("target_path", &req.target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
@@ -714,7 +722,7 @@ impl Node for NodeService {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeUnpublishVolume", ids(&req.volume_id), async {
+        self.obs.rpc("NodeUnpublishVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let target = check_path("target_path", &req.target_path)?;
             let guard = self.lock(&req.volume_id)?;
@@ -734,7 +742,7 @@ impl Node for NodeService {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeGetVolumeStats", ids(&req.volume_id), async {
+        self.obs.rpc("NodeGetVolumeStats", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let path = check_path("volume_path", &req.volume_path)?;
             // Stats are read-only: no in-flight guard, so they never block a stage.
@@ -764,7 +772,7 @@ impl Node for NodeService {
         request: Request<NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeExpandVolume", ids(&req.volume_id), async {
+        self.obs.rpc("NodeExpandVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let path = check_path("volume_path", &req.volume_path)?;
             let block = match req.volume_capability.as_ref() {
@@ -795,7 +803,7 @@ impl Node for NodeService {
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        rpc("NodeGetCapabilities", Ids::default(), async {
+        self.obs.rpc("NodeGetCapabilities", Ids::default(), async {
             let cap = |t: RpcType| NodeServiceCapability {
                 r#type: Some(node_service_capability::Type::Rpc(
                     node_service_capability::Rpc { r#type: t as i32 },
@@ -819,7 +827,7 @@ impl Node for NodeService {
         _request: Request<NodeGetInfoRequest>,
     ) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
         let node_id = self.cfg.node_id.as_str();
-        rpc(
+        self.obs.rpc(
             "NodeGetInfo",
             Ids {
                 node_id: Some(node_id),

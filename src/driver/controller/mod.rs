@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::Error;
 use super::inflight::InFlight;
-use super::observe::{Ids, rpc};
+use super::observe::{Ids, Observer};
 use super::validate;
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{self, rpc::Type as RpcType};
@@ -62,6 +62,7 @@ impl Default for ControllerConfig {
 #[derive(Clone)]
 pub struct ControllerService {
     inner: Arc<Inner>,
+    obs: Observer,
 }
 
 pub(crate) struct Inner {
@@ -83,7 +84,15 @@ impl ControllerService {
                 inflight: InFlight::default(),
                 vm_regions: Mutex::new(HashMap::new()),
             }),
+            obs: Observer::default(),
         }
+    }
+
+    /// Record this service's RPCs in `metrics` (the client records its API requests:
+    /// see [`Client::with_metrics`]).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.obs = Observer::with_metrics(metrics);
+        self
     }
 
     /// Operations currently running (for metrics and graceful shutdown).
@@ -133,7 +142,7 @@ impl Controller for ControllerService {
             name: Some(&r.name),
             ..Default::default()
         };
-        rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline)).await
+        self.obs.rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline)).await
     }
 
     async fn delete_volume(
@@ -145,7 +154,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("DeleteVolume", ids, self.inner.delete_volume(&r)).await
+        self.obs.rpc("DeleteVolume", ids, self.inner.delete_volume(&r)).await
     }
 
     async fn controller_publish_volume(
@@ -159,7 +168,7 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        rpc(
+        self.obs.rpc(
             "ControllerPublishVolume",
             ids,
             self.inner.publish(&r, deadline),
@@ -178,7 +187,7 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        rpc(
+        self.obs.rpc(
             "ControllerUnpublishVolume",
             ids,
             self.inner.unpublish(&r, deadline),
@@ -195,7 +204,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc(
+        self.obs.rpc(
             "ValidateVolumeCapabilities",
             ids,
             self.inner.validate_capabilities(&r),
@@ -208,14 +217,14 @@ impl Controller for ControllerService {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r)).await
+        self.obs.rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r)).await
     }
 
     async fn get_capacity(
         &self,
         _req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        rpc("GetCapacity", Ids::default(), async {
+        self.obs.rpc("GetCapacity", Ids::default(), async {
             Err(Error::Unimplemented(
                 "GetCapacity is not offered: Luna Node does not report free capacity".into(),
             ))
@@ -227,7 +236,7 @@ impl Controller for ControllerService {
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        rpc("ControllerGetCapabilities", Ids::default(), async {
+        self.obs.rpc("ControllerGetCapabilities", Ids::default(), async {
             Ok(ControllerGetCapabilitiesResponse {
                 capabilities: CAPABILITIES
                     .iter()
@@ -252,7 +261,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.source_volume_id),
             ..Default::default()
         };
-        rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r)).await
+        self.obs.rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r)).await
     }
 
     async fn delete_snapshot(
@@ -264,7 +273,7 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r)).await
+        self.obs.rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r)).await
     }
 
     async fn list_snapshots(
@@ -277,7 +286,7 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("ListSnapshots", ids, self.inner.list_snapshots(&r)).await
+        self.obs.rpc("ListSnapshots", ids, self.inner.list_snapshots(&r)).await
     }
 
     async fn get_snapshot(
@@ -289,7 +298,7 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("GetSnapshot", ids, async {
+        self.obs.rpc("GetSnapshot", ids, async {
             Err(Error::Unimplemented(
                 "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
             ))
@@ -307,7 +316,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc(
+        self.obs.rpc(
             "ControllerExpandVolume",
             ids,
             self.inner.expand_volume(&r, deadline),
@@ -324,7 +333,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("ControllerGetVolume", ids, self.inner.get_volume(&r)).await
+        self.obs.rpc("ControllerGetVolume", ids, self.inner.get_volume(&r)).await
     }
 
     async fn controller_modify_volume(
@@ -336,7 +345,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("ControllerModifyVolume", ids, async {
+        self.obs.rpc("ControllerModifyVolume", ids, async {
             Err(Error::Unimplemented("ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters".into()))
         })
         .await
