@@ -136,6 +136,22 @@ fn rss_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// User plus system CPU time of a process, in ms (`CLK_TCK` is 100 on Linux).
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let f = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (f(14) + f(15)) * 10.0
+}
+
 fn total_calls(calls: &BTreeMap<String, u64>) -> u64 {
     calls.values().sum()
 }
@@ -498,10 +514,16 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
         snapshots: true,
     };
     let mut out = Vec::new();
+    let cpu_before = cpu_ms(driver.pid());
     for i in 0..args.serial_lifecycles {
         lc.run(&format!("serial-{run}-{i}"), Some(sim), &mut out)
             .await;
     }
+    let driver_cpu_ms = cpu_ms(driver.pid()) - cpu_before;
+    let api_calls: u64 = out
+        .iter()
+        .filter_map(|(_, c)| c.as_ref().map(|c| total_calls(&c.calls)))
+        .sum();
     let mut by_rpc: BTreeMap<&str, Value> = BTreeMap::new();
     for rpc in RPCS {
         let rows: Vec<&(Sample, Option<Cost>)> =
@@ -513,9 +535,7 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
             .collect();
         let nominal: Vec<f64> = rows
             .iter()
-            .map(|(s, c)| {
-                ms(s.took) - total_calls(&c.as_ref().unwrap().calls) as f64 * ms(latency)
-            })
+            .map(|(s, c)| ms(s.took) - total_calls(&c.as_ref().unwrap().calls) as f64 * ms(latency))
             .collect();
         let measured: Vec<f64> = rows
             .iter()
@@ -558,6 +578,8 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
     }
     json!({
         "errors": out.iter().filter(|(s, _)| !s.ok).count(),
+        "driver_cpu_us_per_rpc": driver_cpu_ms * 1000.0 / out.len().max(1) as f64,
+        "driver_cpu_us_per_api_call": driver_cpu_ms * 1000.0 / api_calls.max(1) as f64,
         "rpcs": by_rpc,
     })
 }
@@ -731,7 +753,12 @@ fn is_root_with_loop() -> bool {
 }
 
 /// Create and attach a volume through the API; returns (volume ID, serial, loop device).
-async fn attached_volume(sim: &SimHandle, client: &Client, label: &str, gb: u64) -> (u64, String, PathBuf) {
+async fn attached_volume(
+    sim: &SimHandle,
+    client: &Client,
+    label: &str,
+    gb: u64,
+) -> (u64, String, PathBuf) {
     let id = client
         .volume_create("toronto", label, gb, None)
         .await
@@ -780,7 +807,7 @@ async fn phase_stage(args: &Args) -> Value {
     let client = api_client(&sim);
     let mut node = NodeClient::new(driver.channel.clone());
     let work = tempfile::tempdir().unwrap();
-    let (mut staged, mut direct) = (Vec::new(), Vec::new());
+    let (mut staged, mut direct, mut probes) = (Vec::new(), Vec::new(), Vec::new());
     let gb = args.stage_size_gb;
     for i in 0..args.stage_samples {
         // The driver: find the disk by serial, probe, format, probe, mount.
@@ -813,8 +840,15 @@ async fn phase_stage(args: &Args) -> Value {
         let (_, _, dev) = attached_volume(&sim, &client, &format!("direct-{i}"), gb).await;
         let target = work.path().join(format!("direct-{i}"));
         std::fs::create_dir_all(&target).unwrap();
-        let (program, mkfs_args) =
-            lunanode_csi::volumes::fs::mkfs_command("ext4", &dev).unwrap();
+        let (program, mkfs_args) = lunanode_csi::volumes::fs::mkfs_command("ext4", &dev).unwrap();
+        // What one safety probe of a blank disk costs (the driver probes before formatting
+        // and again after); not part of the direct time.
+        let t = Instant::now();
+        let _ = Command::new("blkid")
+            .args(["-p", "-o", "export"])
+            .arg(&dev)
+            .output();
+        probes.push(ms(t.elapsed()));
         let t = Instant::now();
         timed_cmd(program, &mkfs_args);
         nix::mount::mount(
@@ -838,6 +872,7 @@ async fn phase_stage(args: &Args) -> Value {
         "stage_ms_p50": s50,
         "direct_ms_p50": d50,
         "ratio": s50 / d50,
+        "blkid_probe_ms_p50": p50_p99(&probes).0,
         "stage_ms": staged,
         "direct_ms": direct,
     })
@@ -859,8 +894,7 @@ fn median_of(runs: &[Value]) -> Value {
             first
                 .keys()
                 .map(|k| {
-                    let vals: Vec<Value> =
-                        runs.iter().filter_map(|r| r.get(k).cloned()).collect();
+                    let vals: Vec<Value> = runs.iter().filter_map(|r| r.get(k).cloned()).collect();
                     (k.clone(), median_of(&vals))
                 })
                 .collect(),
@@ -890,8 +924,15 @@ fn print_report(r: &Value) {
         );
         println!(
             "{:<27} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11} {:>6} {:>4}",
-            "RPC", "p50 ms", "p99 ms", "added p50", "added p99", "nominal p50", "nominal p99",
-            "calls", "min"
+            "RPC",
+            "p50 ms",
+            "p99 ms",
+            "added p50",
+            "added p99",
+            "nominal p50",
+            "nominal p99",
+            "calls",
+            "min"
         );
         for (rpc, min, _) in MINIMUM_CALLS {
             let x = &s["rpcs"][rpc];
@@ -908,6 +949,13 @@ fn print_report(r: &Value) {
                 min
             );
         }
+    }
+    if let Some(s) = r.get("serial").filter(|v| !v.is_null()) {
+        println!(
+            "  (added = RPC time minus the simulator's own time answering its API calls; nominal = RPC time minus calls x configured latency)\n  driver CPU: {} us per RPC, {} us per API call",
+            f(get(s, "driver_cpu_us_per_rpc")),
+            f(get(s, "driver_cpu_us_per_api_call"))
+        );
     }
     if let Some(t) = r.get("throughput").filter(|v| !v.is_null()) {
         println!(
@@ -974,11 +1022,12 @@ fn print_report(r: &Value) {
             println!("\nNodeStageVolume: skipped ({why})");
         } else {
             println!(
-                "\nNodeStageVolume ({} GB, ext4): {} ms vs mkfs + mount directly {} ms: ratio {}",
+                "\nNodeStageVolume ({} GB, ext4): {} ms vs mkfs + mount directly {} ms: ratio {} (one blkid probe of a blank disk: {} ms)",
                 s["size_gb"],
                 f(get(s, "stage_ms_p50")),
                 f(get(s, "direct_ms_p50")),
-                f(get(s, "ratio"))
+                f(get(s, "ratio")),
+                f(get(s, "blkid_probe_ms_p50"))
             );
         }
     }
@@ -1011,7 +1060,8 @@ async fn bench(args: Args) -> Value {
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
         let sim = start_sim(latency, Backing::Memory).await;
-        let driver = Driver::start(&sim, "controller", &controller_flags(args.qps, args.burst)).await;
+        let driver =
+            Driver::start(&sim, "controller", &controller_flags(args.qps, args.burst)).await;
         // Idle: started, answered a Probe, nothing else.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let idle = driver.rss_kib();
@@ -1073,7 +1123,11 @@ fn main() {
         let target_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-        let name = if smoke { "driver-smoke.json" } else { "driver.json" };
+        let name = if smoke {
+            "driver-smoke.json"
+        } else {
+            "driver.json"
+        };
         target_dir.join("bench").join(name)
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -259,7 +259,13 @@ impl NodeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, &cli.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread: the driver waits on the cloud and the disks (blocking work goes to
+    // `spawn_blocking`), so more workers only add wake-ups between threads and memory (a
+    // multi-thread runtime starts a worker per core, on every node).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -355,8 +361,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let controller = match (&client, controller_on) {
         (Some(c), true) => {
             let svc = match &metrics {
-                Some(m) => ControllerService::new(c.clone().with_metrics(m.clone()), controller_cfg)
-                    .with_metrics(m.clone()),
+                Some(m) => {
+                    ControllerService::new(c.clone().with_metrics(m.clone()), controller_cfg)
+                        .with_metrics(m.clone())
+                }
                 None => ControllerService::new(c.clone(), controller_cfg),
             };
             Some(crate::csi::controller_server::ControllerServer::new(svc))

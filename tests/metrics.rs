@@ -157,12 +157,18 @@ async fn rpcs_and_api_requests_are_counted_and_served_over_http() {
         2.0,
     );
     want(r#"csi_rpc_requests_total{method="Probe",code="OK"}"#, 1.0);
-    want(r#"csi_rpc_duration_seconds_count{method="CreateVolume"}"#, 2.0);
+    want(
+        r#"csi_rpc_duration_seconds_count{method="CreateVolume"}"#,
+        2.0,
+    );
     want(
         r#"csi_rpc_duration_seconds_bucket{method="CreateVolume",le="+Inf"}"#,
         2.0,
     );
-    want(r#"csi_rpc_duration_seconds_count{method="DeleteVolume"}"#, 2.0);
+    want(
+        r#"csi_rpc_duration_seconds_count{method="DeleteVolume"}"#,
+        2.0,
+    );
     want(r#"csi_operations_in_flight{method="CreateVolume"}"#, 0.0);
     // CreateVolume: list (idempotency), create, info; DeleteVolume: info (+ delete).
     want(

@@ -66,37 +66,40 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
-        self.obs.rpc("GetPluginInfo", Ids::default(), async {
-            Ok(GetPluginInfoResponse {
-                name: crate::DRIVER_NAME.to_string(),
-                vendor_version: crate::VERSION.to_string(),
-                manifest: Default::default(),
+        self.obs
+            .rpc("GetPluginInfo", Ids::default(), async {
+                Ok(GetPluginInfoResponse {
+                    name: crate::DRIVER_NAME.to_string(),
+                    vendor_version: crate::VERSION.to_string(),
+                    manifest: Default::default(),
+                })
             })
-        })
-        .await
+            .await
     }
 
     async fn get_plugin_capabilities(
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        self.obs.rpc("GetPluginCapabilities", Ids::default(), async {
-            Ok(GetPluginCapabilitiesResponse {
-                capabilities: self.capabilities(),
+        self.obs
+            .rpc("GetPluginCapabilities", Ids::default(), async {
+                Ok(GetPluginCapabilitiesResponse {
+                    capabilities: self.capabilities(),
+                })
             })
-        })
-        .await
+            .await
     }
 
     async fn probe(
         &self,
         _request: Request<ProbeRequest>,
     ) -> Result<Response<ProbeResponse>, Status> {
-        self.obs.rpc("Probe", Ids::default(), async {
-            Ok(ProbeResponse {
-                ready: Some(self.ready.load(Ordering::Acquire)),
+        self.obs
+            .rpc("Probe", Ids::default(), async {
+                Ok(ProbeResponse {
+                    ready: Some(self.ready.load(Ordering::Acquire)),
+                })
             })
-        })
-        .await
+            .await
     }
 }

@@ -162,9 +162,7 @@ impl Metrics {
     /// An RPC started: counted in flight until the returned guard is finished or dropped
     /// (a dropped guard is a cancelled call).
     pub fn rpc_started(&self, method: &'static str) -> RpcGuard<'_> {
-        self.rpc_in_flight
-            .get_or_create(&Method { method })
-            .inc();
+        self.rpc_in_flight.get_or_create(&Method { method }).inc();
         RpcGuard {
             metrics: self,
             method,

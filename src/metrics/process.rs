@@ -58,9 +58,7 @@ impl Sample {
         let fields = stat.map(stat_fields).unwrap_or_default();
         // Field N of stat(5) is fields[N - 3]: utime 14, stime 15, starttime 22.
         let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
-        let cpu_seconds = field(14)
-            .zip(field(15))
-            .map(|(u, s)| (u + s) / ticks);
+        let cpu_seconds = field(14).zip(field(15)).map(|(u, s)| (u + s) / ticks);
         let boot = proc_stat.and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("btime "))
@@ -164,7 +162,8 @@ mod tests {
     #[test]
     fn parses_proc_files() {
         let stat = "4242 (lunanode csi) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 123456 789 18446744073709551615";
-        let status = "Name:\tlunanode-csi\nVmSize:\t  20000 kB\nVmHWM:\t    6000 kB\nVmRSS:\t    5000 kB\n";
+        let status =
+            "Name:\tlunanode-csi\nVmSize:\t  20000 kB\nVmHWM:\t    6000 kB\nVmRSS:\t    5000 kB\n";
         let proc_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 5\n";
         let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
         let s = Sample::parse(
@@ -186,7 +185,10 @@ mod tests {
                 max_fds: Some(1024),
             }
         );
-        assert_eq!(Sample::parse(None, None, None, None, None, 100.0), Sample::default());
+        assert_eq!(
+            Sample::parse(None, None, None, None, None, 100.0),
+            Sample::default()
+        );
     }
 
     #[test]

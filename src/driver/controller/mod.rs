@@ -142,7 +142,9 @@ impl Controller for ControllerService {
             name: Some(&r.name),
             ..Default::default()
         };
-        self.obs.rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline)).await
+        self.obs
+            .rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline))
+            .await
     }
 
     async fn delete_volume(
@@ -154,7 +156,9 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs.rpc("DeleteVolume", ids, self.inner.delete_volume(&r)).await
+        self.obs
+            .rpc("DeleteVolume", ids, self.inner.delete_volume(&r))
+            .await
     }
 
     async fn controller_publish_volume(
@@ -168,12 +172,13 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        self.obs.rpc(
-            "ControllerPublishVolume",
-            ids,
-            self.inner.publish(&r, deadline),
-        )
-        .await
+        self.obs
+            .rpc(
+                "ControllerPublishVolume",
+                ids,
+                self.inner.publish(&r, deadline),
+            )
+            .await
     }
 
     async fn controller_unpublish_volume(
@@ -187,12 +192,13 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        self.obs.rpc(
-            "ControllerUnpublishVolume",
-            ids,
-            self.inner.unpublish(&r, deadline),
-        )
-        .await
+        self.obs
+            .rpc(
+                "ControllerUnpublishVolume",
+                ids,
+                self.inner.unpublish(&r, deadline),
+            )
+            .await
     }
 
     async fn validate_volume_capabilities(
@@ -204,12 +210,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs.rpc(
-            "ValidateVolumeCapabilities",
-            ids,
-            self.inner.validate_capabilities(&r),
-        )
-        .await
+        self.obs
+            .rpc(
+                "ValidateVolumeCapabilities",
+                ids,
+                self.inner.validate_capabilities(&r),
+            )
+            .await
     }
 
     async fn list_volumes(
@@ -217,38 +224,42 @@ impl Controller for ControllerService {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        self.obs.rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r)).await
+        self.obs
+            .rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r))
+            .await
     }
 
     async fn get_capacity(
         &self,
         _req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        self.obs.rpc("GetCapacity", Ids::default(), async {
-            Err(Error::Unimplemented(
-                "GetCapacity is not offered: Luna Node does not report free capacity".into(),
-            ))
-        })
-        .await
+        self.obs
+            .rpc("GetCapacity", Ids::default(), async {
+                Err(Error::Unimplemented(
+                    "GetCapacity is not offered: Luna Node does not report free capacity".into(),
+                ))
+            })
+            .await
     }
 
     async fn controller_get_capabilities(
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        self.obs.rpc("ControllerGetCapabilities", Ids::default(), async {
-            Ok(ControllerGetCapabilitiesResponse {
-                capabilities: CAPABILITIES
-                    .iter()
-                    .map(|t| ControllerServiceCapability {
-                        r#type: Some(controller_service_capability::Type::Rpc(
-                            controller_service_capability::Rpc { r#type: *t as i32 },
-                        )),
-                    })
-                    .collect(),
+        self.obs
+            .rpc("ControllerGetCapabilities", Ids::default(), async {
+                Ok(ControllerGetCapabilitiesResponse {
+                    capabilities: CAPABILITIES
+                        .iter()
+                        .map(|t| ControllerServiceCapability {
+                            r#type: Some(controller_service_capability::Type::Rpc(
+                                controller_service_capability::Rpc { r#type: *t as i32 },
+                            )),
+                        })
+                        .collect(),
+                })
             })
-        })
-        .await
+            .await
     }
 
     async fn create_snapshot(
@@ -261,7 +272,9 @@ impl Controller for ControllerService {
             volume_id: Some(&r.source_volume_id),
             ..Default::default()
         };
-        self.obs.rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r)).await
+        self.obs
+            .rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r))
+            .await
     }
 
     async fn delete_snapshot(
@@ -273,7 +286,9 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs.rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r)).await
+        self.obs
+            .rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r))
+            .await
     }
 
     async fn list_snapshots(
@@ -286,7 +301,9 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs.rpc("ListSnapshots", ids, self.inner.list_snapshots(&r)).await
+        self.obs
+            .rpc("ListSnapshots", ids, self.inner.list_snapshots(&r))
+            .await
     }
 
     async fn get_snapshot(
@@ -298,12 +315,13 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs.rpc("GetSnapshot", ids, async {
-            Err(Error::Unimplemented(
-                "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
-            ))
-        })
-        .await
+        self.obs
+            .rpc("GetSnapshot", ids, async {
+                Err(Error::Unimplemented(
+                    "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
+                ))
+            })
+            .await
     }
 
     async fn controller_expand_volume(
@@ -316,12 +334,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs.rpc(
-            "ControllerExpandVolume",
-            ids,
-            self.inner.expand_volume(&r, deadline),
-        )
-        .await
+        self.obs
+            .rpc(
+                "ControllerExpandVolume",
+                ids,
+                self.inner.expand_volume(&r, deadline),
+            )
+            .await
     }
 
     async fn controller_get_volume(
@@ -333,7 +352,9 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs.rpc("ControllerGetVolume", ids, self.inner.get_volume(&r)).await
+        self.obs
+            .rpc("ControllerGetVolume", ids, self.inner.get_volume(&r))
+            .await
     }
 
     async fn controller_modify_volume(

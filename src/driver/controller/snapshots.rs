@@ -118,7 +118,11 @@ impl Inner {
     /// Create the snapshot of `src` labelled `label`, for a caller that has just seen that
     /// there is none. After an unclear failure the label is looked up instead of creating
     /// a second snapshot.
-    async fn create_labelled_snapshot(&self, src: &VolumeRef, label: &str) -> Result<String, Error> {
+    async fn create_labelled_snapshot(
+        &self,
+        src: &VolumeRef,
+        label: &str,
+    ) -> Result<String, Error> {
         match self.client.snapshot_create(src.id, label).await {
             Ok(id) => Ok(id),
             Err(e) if e.is_retryable() => {
