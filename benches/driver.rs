@@ -513,6 +513,16 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
         node_id: sim.vms[0].id.clone(),
         snapshots: true,
     };
+    // The floor any client pays per API call: a bare request from this process (same client
+    // code, same HTTP stack) minus the simulator's own time answering it.
+    let client = api_client(sim);
+    let mut floor = Vec::new();
+    for _ in 0..50 {
+        let api = sim.api_time();
+        let t = Instant::now();
+        client.vm_info(&sim.vms[0].id).await.expect("vm/info");
+        floor.push(ms(t.elapsed()) - ms(sim.api_time() - api));
+    }
     let mut out = Vec::new();
     let cpu_before = cpu_ms(driver.pid());
     for i in 0..args.serial_lifecycles {
@@ -578,6 +588,7 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
     }
     json!({
         "errors": out.iter().filter(|(s, _)| !s.ok).count(),
+        "bare_client_overhead_ms_per_api_call": p50_p99(&floor).0,
         "driver_cpu_us_per_rpc": driver_cpu_ms * 1000.0 / out.len().max(1) as f64,
         "driver_cpu_us_per_api_call": driver_cpu_ms * 1000.0 / api_calls.max(1) as f64,
         "rpcs": by_rpc,
@@ -952,7 +963,8 @@ fn print_report(r: &Value) {
     }
     if let Some(s) = r.get("serial").filter(|v| !v.is_null()) {
         println!(
-            "  (added = RPC time minus the simulator's own time answering its API calls; nominal = RPC time minus calls x configured latency)\n  driver CPU: {} us per RPC, {} us per API call",
+            "  (added = RPC time minus the simulator's own time answering its API calls; nominal = RPC time minus calls x configured latency)\n  a bare API call from the bench adds {} ms over the simulator's time (HTTP + loopback floor)\n  driver CPU: {} us per RPC, {} us per API call",
+            f(get(s, "bare_client_overhead_ms_per_api_call")),
             f(get(s, "driver_cpu_us_per_rpc")),
             f(get(s, "driver_cpu_us_per_api_call"))
         );
@@ -992,8 +1004,10 @@ fn print_report(r: &Value) {
     }
     if let Some(m) = r.get("memory").filter(|v| !v.is_null()) {
         println!(
-            "\nDriver memory (controller): idle {} MiB, peak {} MiB",
+            "\nDriver memory (controller): idle {} MiB ({} MiB private, {} MiB mapped files), peak {} MiB",
             f(get(m, "idle_kib") / 1024.0),
+            f(get(m, "idle_anon_kib") / 1024.0),
+            f(get(m, "idle_file_kib") / 1024.0),
             f(get(m, "peak_kib") / 1024.0)
         );
     }
@@ -1065,6 +1079,9 @@ async fn bench(args: Args) -> Value {
         // Idle: started, answered a Probe, nothing else.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let idle = driver.rss_kib();
+        // Private memory vs. the binary's and libc's pages mapped from the page cache.
+        let idle_anon = rss_kib(driver.pid(), "RssAnon").unwrap_or(0);
+        let idle_file = rss_kib(driver.pid(), "RssFile").unwrap_or(0);
         if args.runs("serial") {
             serial.push(phase_serial(&args, &sim, &driver, run).await);
         }
@@ -1074,7 +1091,12 @@ async fn bench(args: Args) -> Value {
         if args.runs("scale") {
             scale.push(phase_scale(&args, &sim, &driver, run).await);
         }
-        memory.push(json!({"idle_kib": idle, "peak_kib": driver.peak_kib()}));
+        memory.push(json!({
+            "idle_kib": idle,
+            "idle_anon_kib": idle_anon,
+            "idle_file_kib": idle_file,
+            "peak_kib": driver.peak_kib(),
+        }));
         driver.stop().await;
         sim.shutdown().await;
         if args.runs("stage") {
