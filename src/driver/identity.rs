@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tonic::{Request, Response, Status};
 
-use super::observe::{Ids, Observer};
+use super::observe::{Ids, Observer, rpc_with};
 use crate::csi::identity_server::Identity;
 use crate::csi::plugin_capability::{self, service, volume_expansion};
 use crate::csi::{
@@ -66,40 +66,37 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
-        self.obs
-            .rpc("GetPluginInfo", Ids::default(), async {
-                Ok(GetPluginInfoResponse {
-                    name: crate::DRIVER_NAME.to_string(),
-                    vendor_version: crate::VERSION.to_string(),
-                    manifest: Default::default(),
-                })
+        rpc_with(&self.obs, "GetPluginInfo", Ids::default(), async {
+            Ok(GetPluginInfoResponse {
+                name: crate::DRIVER_NAME.to_string(),
+                vendor_version: crate::VERSION.to_string(),
+                manifest: Default::default(),
             })
-            .await
+        })
+        .await
     }
 
     async fn get_plugin_capabilities(
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        self.obs
-            .rpc("GetPluginCapabilities", Ids::default(), async {
-                Ok(GetPluginCapabilitiesResponse {
-                    capabilities: self.capabilities(),
-                })
+        rpc_with(&self.obs, "GetPluginCapabilities", Ids::default(), async {
+            Ok(GetPluginCapabilitiesResponse {
+                capabilities: self.capabilities(),
             })
-            .await
+        })
+        .await
     }
 
     async fn probe(
         &self,
         _request: Request<ProbeRequest>,
     ) -> Result<Response<ProbeResponse>, Status> {
-        self.obs
-            .rpc("Probe", Ids::default(), async {
-                Ok(ProbeResponse {
-                    ready: Some(self.ready.load(Ordering::Acquire)),
-                })
+        rpc_with(&self.obs, "Probe", Ids::default(), async {
+            Ok(ProbeResponse {
+                ready: Some(self.ready.load(Ordering::Acquire)),
             })
-            .await
+        })
+        .await
     }
 }

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{Error, Result};
 use super::inflight::{Guard, InFlight};
-use super::observe::{Ids, Observer};
+use super::observe::{Ids, Observer, rpc_with};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc::Type as RpcType};
 use crate::csi::volume_capability::{AccessType, access_mode::Mode};
@@ -631,28 +631,27 @@ impl Node for NodeService {
         request: Request<NodeStageVolumeRequest>,
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodeStageVolume", ids(&req.volume_id), async {
-                require("volume_id", &req.volume_id)?;
-                let staging = check_path("staging_target_path", &req.staging_target_path)?;
-                let cap = check_capability(req.volume_capability.as_ref())?;
-                let disk = disk_ref(&req.publish_context)?;
-                let guard = self.lock(&req.volume_id)?;
-                let cfg = Arc::clone(&self.cfg);
-                blocking(guard, move || {
-                    let dev = find_disk(&cfg, &disk)?;
-                    match cap.access {
-                        // Raw block: nothing to prepare; the device was found and verified.
-                        Access::Block => Ok(()),
-                        Access::Mount { fs_type, options } => {
-                            stage_mount(&dev, &staging, &fs_type, &options, cap.read_only_mode)
-                        }
+        rpc_with(&self.obs, "NodeStageVolume", ids(&req.volume_id), async {
+            require("volume_id", &req.volume_id)?;
+            let staging = check_path("staging_target_path", &req.staging_target_path)?;
+            let cap = check_capability(req.volume_capability.as_ref())?;
+            let disk = disk_ref(&req.publish_context)?;
+            let guard = self.lock(&req.volume_id)?;
+            let cfg = Arc::clone(&self.cfg);
+            blocking(guard, move || {
+                let dev = find_disk(&cfg, &disk)?;
+                match cap.access {
+                    // Raw block: nothing to prepare; the device was found and verified.
+                    Access::Block => Ok(()),
+                    Access::Mount { fs_type, options } => {
+                        stage_mount(&dev, &staging, &fs_type, &options, cap.read_only_mode)
                     }
-                })
-                .await?;
-                Ok(NodeStageVolumeResponse {})
+                }
             })
-            .await
+            .await?;
+            Ok(NodeStageVolumeResponse {})
+        })
+        .await
     }
 
     async fn node_unstage_volume(
@@ -660,23 +659,22 @@ impl Node for NodeService {
         request: Request<NodeUnstageVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodeUnstageVolume", ids(&req.volume_id), async {
-                require("volume_id", &req.volume_id)?;
-                let staging = check_path("staging_target_path", &req.staging_target_path)?;
-                let guard = self.lock(&req.volume_id)?;
-                blocking(guard, move || {
-                    mount::unmount(&staging)?;
-                    // kubelet re-creates the directory before each stage; leave nothing behind.
-                    if std::fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir()) {
-                        mount::remove_target(&staging)?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                Ok(NodeUnstageVolumeResponse {})
+        rpc_with(&self.obs, "NodeUnstageVolume", ids(&req.volume_id), async {
+            require("volume_id", &req.volume_id)?;
+            let staging = check_path("staging_target_path", &req.staging_target_path)?;
+            let guard = self.lock(&req.volume_id)?;
+            blocking(guard, move || {
+                mount::unmount(&staging)?;
+                // kubelet re-creates the directory before each stage; leave nothing behind.
+                if std::fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir()) {
+                    mount::remove_target(&staging)?;
+                }
+                Ok(())
             })
-            .await
+            .await?;
+            Ok(NodeUnstageVolumeResponse {})
+        })
+        .await
     }
 
     async fn node_publish_volume(
@@ -684,40 +682,39 @@ impl Node for NodeService {
         request: Request<NodePublishVolumeRequest>,
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodePublishVolume", ids(&req.volume_id), async {
-                require("volume_id", &req.volume_id)?;
-                let target = check_path("target_path", &req.target_path)?;
-                let cap = check_capability(req.volume_capability.as_ref())?;
-                let staging = check_path("staging_target_path", &req.staging_target_path)?;
-                let mut flags = MsFlags::empty();
-                if req.readonly || cap.read_only_mode {
-                    flags |= MsFlags::MS_RDONLY;
+        rpc_with(&self.obs, "NodePublishVolume", ids(&req.volume_id), async {
+            require("volume_id", &req.volume_id)?;
+            let target = check_path("target_path", &req.target_path)?;
+            let cap = check_capability(req.volume_capability.as_ref())?;
+            let staging = check_path("staging_target_path", &req.staging_target_path)?;
+            let mut flags = MsFlags::empty();
+            if req.readonly || cap.read_only_mode {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            let guard = self.lock(&req.volume_id)?;
+            let cfg = Arc::clone(&self.cfg);
+            match cap.access {
+                Access::Block => {
+                    let disk = disk_ref(&req.publish_context)?;
+                    blocking(guard, move || publish_block(&cfg, &disk, &target, flags)).await?;
                 }
-                let guard = self.lock(&req.volume_id)?;
-                let cfg = Arc::clone(&self.cfg);
-                match cap.access {
-                    Access::Block => {
-                        let disk = disk_ref(&req.publish_context)?;
-                        blocking(guard, move || publish_block(&cfg, &disk, &target, flags)).await?;
-                    }
-                    Access::Mount { options, .. } => {
-                        flags |= options.per_mount_flags();
-                        // The serial, when given, double-checks what is staged.
-                        let disk = if req.publish_context.contains_key(CTX_SERIAL) {
-                            Some(disk_ref(&req.publish_context)?)
-                        } else {
-                            None
-                        };
-                        blocking(guard, move || {
-                            publish_mount(&cfg, disk.as_ref(), &staging, &target, flags)
-                        })
-                        .await?;
-                    }
+                Access::Mount { options, .. } => {
+                    flags |= options.per_mount_flags();
+                    // The serial, when given, double-checks what is staged.
+                    let disk = if req.publish_context.contains_key(CTX_SERIAL) {
+                        Some(disk_ref(&req.publish_context)?)
+                    } else {
+                        None
+                    };
+                    blocking(guard, move || {
+                        publish_mount(&cfg, disk.as_ref(), &staging, &target, flags)
+                    })
+                    .await?;
                 }
-                Ok(NodePublishVolumeResponse {})
-            })
-            .await
+            }
+            Ok(NodePublishVolumeResponse {})
+        })
+        .await
     }
 
     async fn node_unpublish_volume(
@@ -725,8 +722,11 @@ impl Node for NodeService {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodeUnpublishVolume", ids(&req.volume_id), async {
+        rpc_with(
+            &self.obs,
+            "NodeUnpublishVolume",
+            ids(&req.volume_id),
+            async {
                 require("volume_id", &req.volume_id)?;
                 let target = check_path("target_path", &req.target_path)?;
                 let guard = self.lock(&req.volume_id)?;
@@ -737,8 +737,9 @@ impl Node for NodeService {
                 })
                 .await?;
                 Ok(NodeUnpublishVolumeResponse {})
-            })
-            .await
+            },
+        )
+        .await
     }
 
     async fn node_get_volume_stats(
@@ -746,8 +747,11 @@ impl Node for NodeService {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodeGetVolumeStats", ids(&req.volume_id), async {
+        rpc_with(
+            &self.obs,
+            "NodeGetVolumeStats",
+            ids(&req.volume_id),
+            async {
                 require("volume_id", &req.volume_id)?;
                 let path = check_path("volume_path", &req.volume_path)?;
                 // Stats are read-only: no in-flight guard, so they never block a stage.
@@ -768,8 +772,9 @@ impl Node for NodeService {
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("stats failed unexpectedly: {e}")))?
-            })
-            .await
+            },
+        )
+        .await
     }
 
     async fn node_expand_volume(
@@ -777,56 +782,54 @@ impl Node for NodeService {
         request: Request<NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
-        self.obs
-            .rpc("NodeExpandVolume", ids(&req.volume_id), async {
-                require("volume_id", &req.volume_id)?;
-                let path = check_path("volume_path", &req.volume_path)?;
-                let block = match req.volume_capability.as_ref() {
-                    Some(cap) => check_capability(Some(cap))?.access == Access::Block,
-                    None => false,
-                };
-                let required = req
-                    .capacity_range
-                    .as_ref()
-                    .map(|r| u64::try_from(r.required_bytes).unwrap_or(0))
-                    .unwrap_or(0);
-                if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
-                    return Err(Error::NotFound(format!(
-                        "volume path {} does not exist",
-                        path.display()
-                    )));
-                }
-                let guard = self.lock(&req.volume_id)?;
-                let capacity = blocking(guard, move || expand(&path, block, required)).await?;
-                Ok(NodeExpandVolumeResponse {
-                    capacity_bytes: i64::try_from(capacity).unwrap_or(i64::MAX),
-                })
+        rpc_with(&self.obs, "NodeExpandVolume", ids(&req.volume_id), async {
+            require("volume_id", &req.volume_id)?;
+            let path = check_path("volume_path", &req.volume_path)?;
+            let block = match req.volume_capability.as_ref() {
+                Some(cap) => check_capability(Some(cap))?.access == Access::Block,
+                None => false,
+            };
+            let required = req
+                .capacity_range
+                .as_ref()
+                .map(|r| u64::try_from(r.required_bytes).unwrap_or(0))
+                .unwrap_or(0);
+            if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
+                return Err(Error::NotFound(format!(
+                    "volume path {} does not exist",
+                    path.display()
+                )));
+            }
+            let guard = self.lock(&req.volume_id)?;
+            let capacity = blocking(guard, move || expand(&path, block, required)).await?;
+            Ok(NodeExpandVolumeResponse {
+                capacity_bytes: i64::try_from(capacity).unwrap_or(i64::MAX),
             })
-            .await
+        })
+        .await
     }
 
     async fn node_get_capabilities(
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        self.obs
-            .rpc("NodeGetCapabilities", Ids::default(), async {
-                let cap = |t: RpcType| NodeServiceCapability {
-                    r#type: Some(node_service_capability::Type::Rpc(
-                        node_service_capability::Rpc { r#type: t as i32 },
-                    )),
-                };
-                Ok(NodeGetCapabilitiesResponse {
-                    capabilities: vec![
-                        cap(RpcType::StageUnstageVolume),
-                        cap(RpcType::GetVolumeStats),
-                        cap(RpcType::ExpandVolume),
-                        cap(RpcType::VolumeCondition),
-                        cap(RpcType::SingleNodeMultiWriter),
-                    ],
-                })
+        rpc_with(&self.obs, "NodeGetCapabilities", Ids::default(), async {
+            let cap = |t: RpcType| NodeServiceCapability {
+                r#type: Some(node_service_capability::Type::Rpc(
+                    node_service_capability::Rpc { r#type: t as i32 },
+                )),
+            };
+            Ok(NodeGetCapabilitiesResponse {
+                capabilities: vec![
+                    cap(RpcType::StageUnstageVolume),
+                    cap(RpcType::GetVolumeStats),
+                    cap(RpcType::ExpandVolume),
+                    cap(RpcType::VolumeCondition),
+                    cap(RpcType::SingleNodeMultiWriter),
+                ],
             })
-            .await
+        })
+        .await
     }
 
     async fn node_get_info(
@@ -834,25 +837,25 @@ impl Node for NodeService {
         _request: Request<NodeGetInfoRequest>,
     ) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
         let node_id = self.cfg.node_id.as_str();
-        self.obs
-            .rpc(
-                "NodeGetInfo",
-                Ids {
-                    node_id: Some(node_id),
-                    ..Default::default()
-                },
-                async {
-                    let accessible_topology = self.cfg.region.as_ref().map(|r| Topology {
-                        segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), r.clone())]),
-                    });
-                    Ok(NodeGetInfoResponse {
-                        node_id: self.cfg.node_id.clone(),
-                        max_volumes_per_node: self.cfg.max_volumes_per_node,
-                        accessible_topology,
-                    })
-                },
-            )
-            .await
+        rpc_with(
+            &self.obs,
+            "NodeGetInfo",
+            Ids {
+                node_id: Some(node_id),
+                ..Default::default()
+            },
+            async {
+                let accessible_topology = self.cfg.region.as_ref().map(|r| Topology {
+                    segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), r.clone())]),
+                });
+                Ok(NodeGetInfoResponse {
+                    node_id: self.cfg.node_id.clone(),
+                    max_volumes_per_node: self.cfg.max_volumes_per_node,
+                    accessible_topology,
+                })
+            },
+        )
+        .await
     }
 }
 

@@ -26,9 +26,7 @@ impl Observer {
         }
     }
 
-    /// Run one RPC handler, log and count its outcome, and turn its error into a gRPC
-    /// status.
-    pub async fn rpc<T, F>(
+    async fn rpc<T, F>(
         &self,
         method: &'static str,
         ids: Ids<'_>,
@@ -62,6 +60,20 @@ pub struct Ids<'a> {
 
 fn nonempty(s: Option<&str>) -> Option<&str> {
     s.filter(|s| !s.is_empty())
+}
+
+/// Run one RPC handler, log its outcome (and count it in `obs`'s metrics, if any), and turn
+/// its error into a gRPC status.
+pub async fn rpc_with<T, F>(
+    obs: &Observer,
+    method: &'static str,
+    ids: Ids<'_>,
+    handler: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    obs.rpc(method, ids, handler).await
 }
 
 /// Run one RPC handler, log its outcome, and turn its error into a gRPC status.

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::Error;
 use super::inflight::InFlight;
-use super::observe::{Ids, Observer};
+use super::observe::{Ids, Observer, rpc_with};
 use super::validate;
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{self, rpc::Type as RpcType};
@@ -142,9 +142,13 @@ impl Controller for ControllerService {
             name: Some(&r.name),
             ..Default::default()
         };
-        self.obs
-            .rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline))
-            .await
+        rpc_with(
+            &self.obs,
+            "CreateVolume",
+            ids,
+            self.inner.create_volume(&r, deadline),
+        )
+        .await
     }
 
     async fn delete_volume(
@@ -156,9 +160,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("DeleteVolume", ids, self.inner.delete_volume(&r))
-            .await
+        rpc_with(&self.obs, "DeleteVolume", ids, self.inner.delete_volume(&r)).await
     }
 
     async fn controller_publish_volume(
@@ -172,13 +174,13 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        self.obs
-            .rpc(
-                "ControllerPublishVolume",
-                ids,
-                self.inner.publish(&r, deadline),
-            )
-            .await
+        rpc_with(
+            &self.obs,
+            "ControllerPublishVolume",
+            ids,
+            self.inner.publish(&r, deadline),
+        )
+        .await
     }
 
     async fn controller_unpublish_volume(
@@ -192,13 +194,13 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        self.obs
-            .rpc(
-                "ControllerUnpublishVolume",
-                ids,
-                self.inner.unpublish(&r, deadline),
-            )
-            .await
+        rpc_with(
+            &self.obs,
+            "ControllerUnpublishVolume",
+            ids,
+            self.inner.unpublish(&r, deadline),
+        )
+        .await
     }
 
     async fn validate_volume_capabilities(
@@ -210,13 +212,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs
-            .rpc(
-                "ValidateVolumeCapabilities",
-                ids,
-                self.inner.validate_capabilities(&r),
-            )
-            .await
+        rpc_with(
+            &self.obs,
+            "ValidateVolumeCapabilities",
+            ids,
+            self.inner.validate_capabilities(&r),
+        )
+        .await
     }
 
     async fn list_volumes(
@@ -224,30 +226,36 @@ impl Controller for ControllerService {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        self.obs
-            .rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r))
-            .await
+        rpc_with(
+            &self.obs,
+            "ListVolumes",
+            Ids::default(),
+            self.inner.list_volumes(&r),
+        )
+        .await
     }
 
     async fn get_capacity(
         &self,
         _req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        self.obs
-            .rpc("GetCapacity", Ids::default(), async {
-                Err(Error::Unimplemented(
-                    "GetCapacity is not offered: Luna Node does not report free capacity".into(),
-                ))
-            })
-            .await
+        rpc_with(&self.obs, "GetCapacity", Ids::default(), async {
+            Err(Error::Unimplemented(
+                "GetCapacity is not offered: Luna Node does not report free capacity".into(),
+            ))
+        })
+        .await
     }
 
     async fn controller_get_capabilities(
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        self.obs
-            .rpc("ControllerGetCapabilities", Ids::default(), async {
+        rpc_with(
+            &self.obs,
+            "ControllerGetCapabilities",
+            Ids::default(),
+            async {
                 Ok(ControllerGetCapabilitiesResponse {
                     capabilities: CAPABILITIES
                         .iter()
@@ -258,8 +266,9 @@ impl Controller for ControllerService {
                         })
                         .collect(),
                 })
-            })
-            .await
+            },
+        )
+        .await
     }
 
     async fn create_snapshot(
@@ -272,9 +281,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.source_volume_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r))
-            .await
+        rpc_with(
+            &self.obs,
+            "CreateSnapshot",
+            ids,
+            self.inner.create_snapshot(&r),
+        )
+        .await
     }
 
     async fn delete_snapshot(
@@ -286,9 +299,13 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r))
-            .await
+        rpc_with(
+            &self.obs,
+            "DeleteSnapshot",
+            ids,
+            self.inner.delete_snapshot(&r),
+        )
+        .await
     }
 
     async fn list_snapshots(
@@ -301,9 +318,13 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("ListSnapshots", ids, self.inner.list_snapshots(&r))
-            .await
+        rpc_with(
+            &self.obs,
+            "ListSnapshots",
+            ids,
+            self.inner.list_snapshots(&r),
+        )
+        .await
     }
 
     async fn get_snapshot(
@@ -315,13 +336,12 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("GetSnapshot", ids, async {
-                Err(Error::Unimplemented(
-                    "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
-                ))
-            })
-            .await
+        rpc_with(&self.obs, "GetSnapshot", ids, async {
+            Err(Error::Unimplemented(
+                "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
+            ))
+        })
+        .await
     }
 
     async fn controller_expand_volume(
@@ -334,13 +354,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs
-            .rpc(
-                "ControllerExpandVolume",
-                ids,
-                self.inner.expand_volume(&r, deadline),
-            )
-            .await
+        rpc_with(
+            &self.obs,
+            "ControllerExpandVolume",
+            ids,
+            self.inner.expand_volume(&r, deadline),
+        )
+        .await
     }
 
     async fn controller_get_volume(
@@ -352,9 +372,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs
-            .rpc("ControllerGetVolume", ids, self.inner.get_volume(&r))
-            .await
+        rpc_with(
+            &self.obs,
+            "ControllerGetVolume",
+            ids,
+            self.inner.get_volume(&r),
+        )
+        .await
     }
 
     async fn controller_modify_volume(
@@ -366,7 +390,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        self.obs.rpc("ControllerModifyVolume", ids, async {
+        rpc_with(&self.obs, "ControllerModifyVolume", ids, async {
             Err(Error::Unimplemented("ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters".into()))
         })
         .await
