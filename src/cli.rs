@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// Simulator state directory (default: a new temporary directory).
     #[arg(long, env = "LUNANODE_CSI_SIM_STATE_DIR", requires = "sim")]
     pub sim_state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on GET /metrics (and 200 on /healthz) at HOST:PORT; off
+    /// when unset. Port 0 picks a free port (logged).
+    #[arg(long, env = "LUNANODE_CSI_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub api: ApiArgs,
@@ -284,7 +288,13 @@ pub fn main() -> ExitCode {
         _ => &cli.log_level,
     };
     telemetry::init(cli.log_format, level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread: the driver waits on the cloud and the disks (blocking work goes to
+    // `spawn_blocking`), so more workers only add wake-ups between threads and memory (a
+    // multi-thread runtime starts a worker per core, on every node).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -335,6 +345,13 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let controller_on = matches!(args.mode, Mode::All | Mode::Controller);
     let node_on = matches!(args.mode, Mode::All | Mode::Node);
     let controller_cfg = args.controller.config()?;
+    let (metrics, metrics_task) = match args.metrics_addr {
+        Some(addr) => {
+            let (m, task) = start_metrics(addr).await?;
+            (Some(m), Some(task))
+        }
+        None => (None, None),
+    };
 
     // With --sim the cloud is a simulator in this process; its VM in toronto is this node.
     let mut sim = None;
@@ -380,7 +397,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         true => Some(node.config(client.as_ref()).await?),
         false => None,
     };
-    let router = csi_router(controller, node_cfg, ready.clone())?;
+    let router = csi_router(controller, node_cfg, ready.clone(), metrics.clone())?;
     let listener = match endpoint.bind() {
         Ok(l) => l,
         Err(e) => {
@@ -400,6 +417,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         Duration::from_secs(args.shutdown_grace_secs),
     )
     .await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Some(s) = sim {
         s.shutdown().await;
     }
@@ -409,26 +429,64 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 }
 
 /// The CSI services of one driver process: Identity always, the Controller when given a
-/// client and its settings, the Node when given its settings. `serve` and `demo` both build
-/// their servers here, so the demo runs exactly what a deployment runs.
+/// client and its settings, the Node when given its settings, all reporting to `metrics`
+/// when given. `serve` and `demo` both build their servers here, so the demo runs exactly
+/// what a deployment runs.
 pub fn csi_router(
     controller: Option<(Client, ControllerConfig)>,
     node: Option<NodeConfig>,
     ready: Arc<AtomicBool>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> Result<tonic::transport::server::Router, CliError> {
-    let identity = IdentityService::new(controller.is_some(), ready);
+    let mut identity = IdentityService::new(controller.is_some(), ready);
+    if let Some(m) = &metrics {
+        identity = identity.with_metrics(m.clone());
+    }
     let controller = controller.map(|(client, cfg)| {
-        crate::csi::controller_server::ControllerServer::new(ControllerService::new(client, cfg))
+        let svc = match &metrics {
+            Some(m) => {
+                ControllerService::new(client.with_metrics(m.clone()), cfg).with_metrics(m.clone())
+            }
+            None => ControllerService::new(client, cfg),
+        };
+        crate::csi::controller_server::ControllerServer::new(svc)
     });
-    let node = node
-        .map(NodeService::new)
-        .transpose()
-        .map_err(|e| CliError::Config(e.to_string()))?
-        .map(crate::csi::node_server::NodeServer::new);
+    let node = match node {
+        Some(cfg) => {
+            let mut svc = NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?;
+            if let Some(m) = &metrics {
+                svc = svc.with_metrics(m.clone());
+            }
+            Some(crate::csi::node_server::NodeServer::new(svc))
+        }
+        None => None,
+    };
     Ok(tonic::transport::Server::builder()
         .add_service(crate::csi::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(node))
+}
+
+/// Bind the metrics endpoint (a bad address is a configuration error) and serve it in the
+/// background until the process ends.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+) -> Result<(Arc<crate::metrics::Metrics>, tokio::task::JoinHandle<()>), CliError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Runtime(format!("metrics listener has no address: {e}")))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let m = metrics.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(listener, m, std::future::pending()).await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    tracing::info!(addr = %bound, "serving metrics on /metrics");
+    Ok((metrics, task))
 }
 
 async fn start_embedded_sim(

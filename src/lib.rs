@@ -16,6 +16,7 @@ pub mod cli;
 pub mod demo;
 pub mod driver;
 pub mod lunanode;
+pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod sim;

@@ -194,6 +194,7 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
         Some((client_for(&sim), controller_config())),
         Some(node_cfg),
         Arc::new(AtomicBool::new(true)),
+        None,
     )
     .unwrap();
     let socket = root.join("csi/csi.sock");

@@ -180,7 +180,7 @@ impl Env {
         for (i, vm) in [tor, mtl].into_iter().enumerate() {
             let controller = (i == 0).then(|| (client.clone(), ccfg.clone()));
             let ready = Arc::new(AtomicBool::new(true));
-            let router = crate::cli::csi_router(controller, Some(node_cfg(&vm)), ready)
+            let router = crate::cli::csi_router(controller, Some(node_cfg(&vm)), ready, None)
                 .map_err(|e| e.to_string())?;
             let socket = sockets.join(format!("{}.sock", vm.name));
             servers.push(spawn_server(router, &socket)?);

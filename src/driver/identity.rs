@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tonic::{Request, Response, Status};
 
-use super::observe::{Ids, rpc};
+use super::observe::{Ids, Observer, rpc_with};
 use crate::csi::identity_server::Identity;
 use crate::csi::plugin_capability::{self, service, volume_expansion};
 use crate::csi::{
@@ -18,12 +18,23 @@ use crate::csi::{
 pub struct IdentityService {
     controller: bool,
     ready: Arc<AtomicBool>,
+    obs: Observer,
 }
 
 impl IdentityService {
     /// `controller` says whether this process serves the Controller service.
     pub fn new(controller: bool, ready: Arc<AtomicBool>) -> Self {
-        Self { controller, ready }
+        Self {
+            controller,
+            ready,
+            obs: Observer::default(),
+        }
+    }
+
+    /// Record this service's RPCs in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.obs = Observer::with_metrics(metrics);
+        self
     }
 
     fn capabilities(&self) -> Vec<PluginCapability> {
@@ -55,7 +66,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
-        rpc("GetPluginInfo", Ids::default(), async {
+        rpc_with(&self.obs, "GetPluginInfo", Ids::default(), async {
             Ok(GetPluginInfoResponse {
                 name: crate::DRIVER_NAME.to_string(),
                 vendor_version: crate::VERSION.to_string(),
@@ -69,7 +80,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        rpc("GetPluginCapabilities", Ids::default(), async {
+        rpc_with(&self.obs, "GetPluginCapabilities", Ids::default(), async {
             Ok(GetPluginCapabilitiesResponse {
                 capabilities: self.capabilities(),
             })
@@ -81,7 +92,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<ProbeRequest>,
     ) -> Result<Response<ProbeResponse>, Status> {
-        rpc("Probe", Ids::default(), async {
+        rpc_with(&self.obs, "Probe", Ids::default(), async {
             Ok(ProbeResponse {
                 ready: Some(self.ready.load(Ordering::Acquire)),
             })

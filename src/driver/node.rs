@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{Error, Result};
 use super::inflight::{Guard, InFlight};
-use super::observe::{Ids, rpc};
+use super::observe::{Ids, Observer, rpc_with};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc::Type as RpcType};
 use crate::csi::volume_capability::{AccessType, access_mode::Mode};
@@ -81,6 +81,7 @@ impl NodeConfig {
 pub struct NodeService {
     cfg: Arc<NodeConfig>,
     inflight: InFlight,
+    obs: Observer,
 }
 
 impl NodeService {
@@ -104,7 +105,14 @@ impl NodeService {
         Ok(NodeService {
             cfg: Arc::new(config),
             inflight: InFlight::new(),
+            obs: Observer::default(),
         })
+    }
+
+    /// Record this service's RPCs in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.obs = Observer::with_metrics(metrics);
+        self
     }
 
     /// The service's configuration.
@@ -639,7 +647,7 @@ impl Node for NodeService {
         request: Request<NodeStageVolumeRequest>,
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeStageVolume", ids(&req.volume_id), async {
+        rpc_with(&self.obs, "NodeStageVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
@@ -667,7 +675,7 @@ impl Node for NodeService {
         request: Request<NodeUnstageVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeUnstageVolume", ids(&req.volume_id), async {
+        rpc_with(&self.obs, "NodeUnstageVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let guard = self.lock(&req.volume_id)?;
@@ -690,7 +698,7 @@ impl Node for NodeService {
         request: Request<NodePublishVolumeRequest>,
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodePublishVolume", ids(&req.volume_id), async {
+        rpc_with(&self.obs, "NodePublishVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let target = check_path("target_path", &req.target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
@@ -730,18 +738,23 @@ impl Node for NodeService {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> std::result::Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeUnpublishVolume", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
-            let target = check_path("target_path", &req.target_path)?;
-            let guard = self.lock(&req.volume_id)?;
-            blocking(guard, move || {
-                mount::unmount(&target)?;
-                mount::remove_target(&target)?;
-                Ok(())
-            })
-            .await?;
-            Ok(NodeUnpublishVolumeResponse {})
-        })
+        rpc_with(
+            &self.obs,
+            "NodeUnpublishVolume",
+            ids(&req.volume_id),
+            async {
+                require("volume_id", &req.volume_id)?;
+                let target = check_path("target_path", &req.target_path)?;
+                let guard = self.lock(&req.volume_id)?;
+                blocking(guard, move || {
+                    mount::unmount(&target)?;
+                    mount::remove_target(&target)?;
+                    Ok(())
+                })
+                .await?;
+                Ok(NodeUnpublishVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -750,28 +763,33 @@ impl Node for NodeService {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> std::result::Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeGetVolumeStats", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
-            let path = published_path("volume_path", &req.volume_path)?;
-            // Stats are read-only: no in-flight guard, so they never block a stage.
-            tokio::task::spawn_blocking(move || {
-                let meta = match std::fs::metadata(&path) {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(Error::NotFound(format!(
-                            "volume path {} does not exist",
-                            path.display()
-                        )));
-                    }
-                    Err(e) => {
-                        return Ok(abnormal(format!("cannot stat {}: {e}", path.display())));
-                    }
-                };
-                Ok(volume_stats(&path, &meta))
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("stats failed unexpectedly: {e}")))?
-        })
+        rpc_with(
+            &self.obs,
+            "NodeGetVolumeStats",
+            ids(&req.volume_id),
+            async {
+                require("volume_id", &req.volume_id)?;
+                let path = published_path("volume_path", &req.volume_path)?;
+                // Stats are read-only: no in-flight guard, so they never block a stage.
+                tokio::task::spawn_blocking(move || {
+                    let meta = match std::fs::metadata(&path) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            return Err(Error::NotFound(format!(
+                                "volume path {} does not exist",
+                                path.display()
+                            )));
+                        }
+                        Err(e) => {
+                            return Ok(abnormal(format!("cannot stat {}: {e}", path.display())));
+                        }
+                    };
+                    Ok(volume_stats(&path, &meta))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("stats failed unexpectedly: {e}")))?
+            },
+        )
         .await
     }
 
@@ -780,7 +798,7 @@ impl Node for NodeService {
         request: Request<NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
-        rpc("NodeExpandVolume", ids(&req.volume_id), async {
+        rpc_with(&self.obs, "NodeExpandVolume", ids(&req.volume_id), async {
             require("volume_id", &req.volume_id)?;
             let path = published_path("volume_path", &req.volume_path)?;
             let block = match req.volume_capability.as_ref() {
@@ -824,7 +842,7 @@ impl Node for NodeService {
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        rpc("NodeGetCapabilities", Ids::default(), async {
+        rpc_with(&self.obs, "NodeGetCapabilities", Ids::default(), async {
             let cap = |t: RpcType| NodeServiceCapability {
                 r#type: Some(node_service_capability::Type::Rpc(
                     node_service_capability::Rpc { r#type: t as i32 },
@@ -848,7 +866,8 @@ impl Node for NodeService {
         _request: Request<NodeGetInfoRequest>,
     ) -> std::result::Result<Response<NodeGetInfoResponse>, Status> {
         let node_id = self.cfg.node_id.as_str();
-        rpc(
+        rpc_with(
+            &self.obs,
             "NodeGetInfo",
             Ids {
                 node_id: Some(node_id),

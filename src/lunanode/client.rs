@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::ratelimit::RateLimiter;
 use super::sign::signature;
 use super::types::{Image, Snapshot, Vm, Volume, html_unescape};
+use crate::metrics::Metrics;
 
 /// The real API's base URL.
 pub const DEFAULT_BASE_URL: &str = "https://dynamic.lunanode.com/api/";
@@ -90,6 +91,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Where each request is recorded, when metrics are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -126,7 +129,14 @@ impl Client {
                 pending_list: Mutex::new(None),
                 list_running: tokio::sync::Mutex::new(()),
             }),
+            metrics: None,
         })
+    }
+
+    /// This client, recording every request in `metrics` (clones made from it do too).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// What this client has sent so far.
@@ -229,29 +239,37 @@ impl Client {
 
     async fn call(
         &self,
-        handler: &str,
+        handler: &'static str,
         params: BTreeMap<&str, String>,
         repeat: Repeat,
     ) -> Result<Value, ApiError> {
         let cfg = &self.inner.cfg;
+        let action = handler.trim_end_matches('/');
         let mut backoff = cfg.initial_backoff;
         let mut attempt = 0;
         loop {
             let started = std::time::Instant::now();
             let result = self.call_once(handler, &params).await;
+            let elapsed = started.elapsed();
             tracing::debug!(
-                action = handler.trim_end_matches('/'),
+                action,
                 attempt,
                 ok = result.is_ok(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
                 "luna node api call"
             );
+            if let Some(m) = &self.metrics {
+                m.api_attempt(action, &result, elapsed);
+            }
             match result {
                 Err(e)
                     if e.is_retryable() && repeat == Repeat::Safe && attempt < cfg.max_retries =>
                 {
                     attempt += 1;
                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &self.metrics {
+                        m.api_retry(action);
+                    }
                     // Full jitter keeps many drivers from retrying in lockstep.
                     let sleep = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
                     tracing::debug!(action = handler, error = %e, retry_in_ms = sleep.as_millis() as u64, "retrying");
@@ -265,7 +283,7 @@ impl Client {
 
     async fn call_as<T: DeserializeOwned>(
         &self,
-        handler: &str,
+        handler: &'static str,
         params: BTreeMap<&str, String>,
         repeat: Repeat,
         field: &str,
@@ -512,7 +530,7 @@ impl Client {
 
     async fn call_as_root<T: DeserializeOwned>(
         &self,
-        handler: &str,
+        handler: &'static str,
         p: BTreeMap<&str, String>,
         repeat: Repeat,
     ) -> Result<T, ApiError> {

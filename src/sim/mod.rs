@@ -221,6 +221,8 @@ pub(crate) struct Inner {
     pub(crate) bucket: Mutex<Option<TokenBucket>>,
     pub(crate) calls: Mutex<BTreeMap<String, u64>>,
     pub(crate) latency: Mutex<Duration>,
+    /// Total time spent answering API requests, in nanoseconds.
+    pub(crate) api_nanos: std::sync::atomic::AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -400,6 +402,7 @@ impl SimHandle {
             ),
             calls: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(cfg.latency),
+            api_nanos: std::sync::atomic::AtomicU64::new(0),
             shutdown: stop_rx.clone(),
         });
         let app = http::router(inner.clone());
@@ -470,9 +473,28 @@ impl SimHandle {
         self.inner.snapshot_state()
     }
 
-    /// Zero the per-action request counters.
+    /// Zero the per-action request counters (and the time spent answering).
     pub fn reset_counters(&self) {
         lock(&self.inner.calls).clear();
+        self.inner
+            .api_nanos
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Total time spent answering API requests (latency included) since the start or the
+    /// last [`SimHandle::reset_counters`].
+    pub fn api_time(&self) -> Duration {
+        Duration::from_nanos(
+            self.inner
+                .api_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Requests per `category/action` since the start or the last reset, without copying
+    /// the rest of the state.
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        lock(&self.inner.calls).clone()
     }
 
     /// Change the probability that a request fails with an injected fault (clamped to [0, 1]).

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::Error;
 use super::inflight::InFlight;
-use super::observe::{Ids, rpc};
+use super::observe::{Ids, Observer, rpc_with};
 use super::validate;
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{self, rpc::Type as RpcType};
@@ -62,6 +62,7 @@ impl Default for ControllerConfig {
 #[derive(Clone)]
 pub struct ControllerService {
     inner: Arc<Inner>,
+    obs: Observer,
 }
 
 pub(crate) struct Inner {
@@ -86,7 +87,15 @@ impl ControllerService {
                 vm_regions: Mutex::new(HashMap::new()),
                 snapshot_first_seen: Mutex::new(HashMap::new()),
             }),
+            obs: Observer::default(),
         }
+    }
+
+    /// Record this service's RPCs in `metrics` (the client records its API requests:
+    /// see [`Client::with_metrics`]).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.obs = Observer::with_metrics(metrics);
+        self
     }
 
     /// Operations currently running (for metrics and graceful shutdown).
@@ -142,7 +151,13 @@ impl Controller for ControllerService {
             name: Some(&r.name),
             ..Default::default()
         };
-        rpc("CreateVolume", ids, self.inner.create_volume(&r, deadline)).await
+        rpc_with(
+            &self.obs,
+            "CreateVolume",
+            ids,
+            self.inner.create_volume(&r, deadline),
+        )
+        .await
     }
 
     async fn delete_volume(
@@ -154,7 +169,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("DeleteVolume", ids, self.inner.delete_volume(&r)).await
+        rpc_with(&self.obs, "DeleteVolume", ids, self.inner.delete_volume(&r)).await
     }
 
     async fn controller_publish_volume(
@@ -168,7 +183,8 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        rpc(
+        rpc_with(
+            &self.obs,
             "ControllerPublishVolume",
             ids,
             self.inner.publish(&r, deadline),
@@ -187,7 +203,8 @@ impl Controller for ControllerService {
             node_id: Some(&r.node_id),
             ..Default::default()
         };
-        rpc(
+        rpc_with(
+            &self.obs,
             "ControllerUnpublishVolume",
             ids,
             self.inner.unpublish(&r, deadline),
@@ -204,7 +221,8 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc(
+        rpc_with(
+            &self.obs,
             "ValidateVolumeCapabilities",
             ids,
             self.inner.validate_capabilities(&r),
@@ -217,14 +235,20 @@ impl Controller for ControllerService {
         req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        rpc("ListVolumes", Ids::default(), self.inner.list_volumes(&r)).await
+        rpc_with(
+            &self.obs,
+            "ListVolumes",
+            Ids::default(),
+            self.inner.list_volumes(&r),
+        )
+        .await
     }
 
     async fn get_capacity(
         &self,
         _req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
-        rpc("GetCapacity", Ids::default(), async {
+        rpc_with(&self.obs, "GetCapacity", Ids::default(), async {
             Err(Error::Unimplemented(
                 "GetCapacity is not offered: Luna Node does not report free capacity".into(),
             ))
@@ -236,18 +260,23 @@ impl Controller for ControllerService {
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
-        rpc("ControllerGetCapabilities", Ids::default(), async {
-            Ok(ControllerGetCapabilitiesResponse {
-                capabilities: CAPABILITIES
-                    .iter()
-                    .map(|t| ControllerServiceCapability {
-                        r#type: Some(controller_service_capability::Type::Rpc(
-                            controller_service_capability::Rpc { r#type: *t as i32 },
-                        )),
-                    })
-                    .collect(),
-            })
-        })
+        rpc_with(
+            &self.obs,
+            "ControllerGetCapabilities",
+            Ids::default(),
+            async {
+                Ok(ControllerGetCapabilitiesResponse {
+                    capabilities: CAPABILITIES
+                        .iter()
+                        .map(|t| ControllerServiceCapability {
+                            r#type: Some(controller_service_capability::Type::Rpc(
+                                controller_service_capability::Rpc { r#type: *t as i32 },
+                            )),
+                        })
+                        .collect(),
+                })
+            },
+        )
         .await
     }
 
@@ -261,7 +290,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.source_volume_id),
             ..Default::default()
         };
-        rpc("CreateSnapshot", ids, self.inner.create_snapshot(&r)).await
+        rpc_with(
+            &self.obs,
+            "CreateSnapshot",
+            ids,
+            self.inner.create_snapshot(&r),
+        )
+        .await
     }
 
     async fn delete_snapshot(
@@ -273,7 +308,13 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("DeleteSnapshot", ids, self.inner.delete_snapshot(&r)).await
+        rpc_with(
+            &self.obs,
+            "DeleteSnapshot",
+            ids,
+            self.inner.delete_snapshot(&r),
+        )
+        .await
     }
 
     async fn list_snapshots(
@@ -286,7 +327,13 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("ListSnapshots", ids, self.inner.list_snapshots(&r)).await
+        rpc_with(
+            &self.obs,
+            "ListSnapshots",
+            ids,
+            self.inner.list_snapshots(&r),
+        )
+        .await
     }
 
     async fn get_snapshot(
@@ -298,7 +345,7 @@ impl Controller for ControllerService {
             snapshot_id: Some(&r.snapshot_id),
             ..Default::default()
         };
-        rpc("GetSnapshot", ids, async {
+        rpc_with(&self.obs, "GetSnapshot", ids, async {
             Err(Error::Unimplemented(
                 "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
             ))
@@ -316,7 +363,8 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc(
+        rpc_with(
+            &self.obs,
             "ControllerExpandVolume",
             ids,
             self.inner.expand_volume(&r, deadline),
@@ -333,7 +381,13 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("ControllerGetVolume", ids, self.inner.get_volume(&r)).await
+        rpc_with(
+            &self.obs,
+            "ControllerGetVolume",
+            ids,
+            self.inner.get_volume(&r),
+        )
+        .await
     }
 
     async fn controller_modify_volume(
@@ -345,7 +399,7 @@ impl Controller for ControllerService {
             volume_id: Some(&r.volume_id),
             ..Default::default()
         };
-        rpc("ControllerModifyVolume", ids, async {
+        rpc_with(&self.obs, "ControllerModifyVolume", ids, async {
             Err(Error::Unimplemented("ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters".into()))
         })
         .await

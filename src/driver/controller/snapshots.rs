@@ -117,9 +117,26 @@ impl Inner {
         if let Some(id) = find().await? {
             return Ok(id);
         }
+        self.create_labelled_snapshot(src, label).await
+    }
+
+    /// Create the snapshot of `src` labelled `label`, for a caller that has just seen that
+    /// there is none. After an unclear failure the label is looked up instead of creating
+    /// a second snapshot.
+    async fn create_labelled_snapshot(
+        &self,
+        src: &VolumeRef,
+        label: &str,
+    ) -> Result<String, Error> {
         match self.client.snapshot_create(src.id, label).await {
             Ok(id) => Ok(id),
-            Err(e) if e.is_retryable() => find().await?.ok_or_else(|| e.into()),
+            Err(e) if e.is_retryable() => {
+                let list = self.snapshots_in(&src.region).await?;
+                list.into_iter()
+                    .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
+                    .map(|s| s.id)
+                    .ok_or_else(|| e.into())
+            }
             Err(ApiError::NotFound { .. }) => Err(Error::NotFound(format!(
                 "source volume {src} does not exist"
             ))),
@@ -184,7 +201,8 @@ impl Inner {
         if self.find_volume(&r.source_volume_id).await?.is_none() {
             return Err(not_found());
         }
-        let uuid = self.snapshot_with_label(&src, &r.name).await?;
+        // The list above showed no snapshot with this name: create without listing again.
+        let uuid = self.create_labelled_snapshot(&src, &r.name).await?;
         let sref = SnapshotRef {
             region: src.region.clone(),
             uuid,

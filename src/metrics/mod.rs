@@ -1,0 +1,346 @@
+//! Prometheus metrics: per-RPC counts, latencies and in-flight operations; Luna Node API
+//! requests by action and result, their latencies, retries and throttles; process metrics.
+//!
+//! There is no global registry: `serve` makes one [`Metrics`] and hands an `Arc` of it to
+//! the services and the API client, so tests in one process can run many servers, each
+//! with its own numbers. Where no `Metrics` was handed over the hooks do nothing.
+//!
+//! Label values are bounded sets only (method, gRPC code, action, result): never volume
+//! IDs, names or anything from a request, which would be unbounded and may be sensitive.
+
+mod http;
+mod process;
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::lunanode::ApiError;
+
+pub use http::{CONTENT_TYPE, router, serve};
+
+/// RPC latency buckets, in seconds: from a 1 ms answer (Identity, idempotent no-ops) to the
+/// 5 minutes an attach or a restore may wait for the cloud.
+const RPC_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// API request latency buckets, in seconds (one HTTP request, up to its 30 s timeout).
+const API_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+fn rpc_histogram() -> Histogram {
+    Histogram::new(RPC_BUCKETS.iter().copied())
+}
+
+fn api_histogram() -> Histogram {
+    Histogram::new(API_BUCKETS.iter().copied())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCode {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionResult {
+    action: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Action {
+    action: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The driver's metrics and the registry that exposes them.
+pub struct Metrics {
+    registry: Registry,
+    rpc_requests: Family<MethodCode, Counter>,
+    rpc_duration: HistogramFamily<Method>,
+    rpc_in_flight: Family<Method, Gauge>,
+    api_requests: Family<ActionResult, Counter>,
+    api_duration: HistogramFamily<Action>,
+    api_retries: Family<Action, Counter>,
+    api_throttled: Family<Action, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A new registry with every metric of the driver and the process collector.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let rpc_requests = Family::<MethodCode, Counter>::default();
+        let rpc_duration = HistogramFamily::<Method>::new_with_constructor(rpc_histogram);
+        let rpc_in_flight = Family::<Method, Gauge>::default();
+        let api_requests = Family::<ActionResult, Counter>::default();
+        let api_duration = HistogramFamily::<Action>::new_with_constructor(api_histogram);
+        let api_retries = Family::<Action, Counter>::default();
+        let api_throttled = Family::<Action, Counter>::default();
+        registry.register(
+            "csi_rpc_requests",
+            "CSI RPCs answered, by method and gRPC code",
+            rpc_requests.clone(),
+        );
+        registry.register(
+            "csi_rpc_duration_seconds",
+            "Time to answer a CSI RPC, by method",
+            rpc_duration.clone(),
+        );
+        registry.register(
+            "csi_operations_in_flight",
+            "CSI RPCs being worked on now, by method",
+            rpc_in_flight.clone(),
+        );
+        registry.register(
+            "lunanode_api_requests",
+            "Luna Node API requests sent (each attempt), by action and result",
+            api_requests.clone(),
+        );
+        registry.register(
+            "lunanode_api_request_duration_seconds",
+            "Time of one Luna Node API request (including the rate-limit wait), by action",
+            api_duration.clone(),
+        );
+        registry.register(
+            "lunanode_api_retries",
+            "Luna Node API requests repeated after a retryable failure, by action",
+            api_retries.clone(),
+        );
+        registry.register(
+            "lunanode_api_throttled",
+            "Luna Node API requests refused by the cloud's rate limit, by action",
+            api_throttled.clone(),
+        );
+        registry.register_collector(Box::new(process::ProcessCollector));
+        Metrics {
+            registry,
+            rpc_requests,
+            rpc_duration,
+            rpc_in_flight,
+            api_requests,
+            api_duration,
+            api_retries,
+            api_throttled,
+        }
+    }
+
+    /// Everything, in the Prometheus text format (version 0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// An RPC started: counted in flight until the returned guard is finished or dropped
+    /// (a dropped guard is a cancelled call).
+    pub fn rpc_started(&self, method: &'static str) -> RpcGuard<'_> {
+        self.rpc_in_flight.get_or_create(&Method { method }).inc();
+        RpcGuard {
+            metrics: self,
+            method,
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    /// One API request attempt ended.
+    pub fn api_attempt<T>(
+        &self,
+        action: &'static str,
+        result: &Result<T, ApiError>,
+        elapsed: Duration,
+    ) {
+        let result = match result {
+            Ok(_) => "ok",
+            Err(e) => api_result(e),
+        };
+        self.api_requests
+            .get_or_create(&ActionResult { action, result })
+            .inc();
+        self.api_duration
+            .get_or_create(&Action { action })
+            .observe(elapsed.as_secs_f64());
+        if result == "throttled" {
+            self.api_throttled.get_or_create(&Action { action }).inc();
+        }
+    }
+
+    /// An API request is about to be repeated.
+    pub fn api_retry(&self, action: &'static str) {
+        self.api_retries.get_or_create(&Action { action }).inc();
+    }
+}
+
+/// The `result` label of a failed API request.
+fn api_result(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::NotFound { .. } => "not_found",
+        ApiError::InvalidArgument { .. } => "invalid_argument",
+        ApiError::WrongState { .. } => "wrong_state",
+        ApiError::LimitExceeded { .. } => "limit_exceeded",
+        ApiError::Throttled { .. } => "throttled",
+        ApiError::Transient { .. } => "transient",
+        ApiError::Auth { .. } => "auth",
+        ApiError::Other { .. } => "other",
+    }
+}
+
+/// Keeps an RPC counted as in flight; records its code and duration when finished.
+pub struct RpcGuard<'a> {
+    metrics: &'a Metrics,
+    method: &'static str,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl RpcGuard<'_> {
+    /// The RPC answered with `code`.
+    pub fn finish(mut self, code: tonic::Code) {
+        self.record(code_name(code));
+    }
+
+    fn record(&mut self, code: &'static str) {
+        self.done = true;
+        let m = self.metrics;
+        let method = self.method;
+        m.rpc_in_flight.get_or_create(&Method { method }).dec();
+        m.rpc_requests
+            .get_or_create(&MethodCode { method, code })
+            .inc();
+        m.rpc_duration
+            .get_or_create(&Method { method })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for RpcGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // The client went away (or the deadline passed) before the handler finished.
+            self.record("Cancelled");
+        }
+    }
+}
+
+/// The gRPC code's name as the CSI spec and grpc-go spell it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn records_rpcs_api_requests_and_process() {
+        let m = Metrics::new();
+        m.rpc_started("CreateVolume").finish(tonic::Code::Ok);
+        m.rpc_started("CreateVolume")
+            .finish(tonic::Code::InvalidArgument);
+        let pending = m.rpc_started("DeleteVolume");
+        let text = m.encode();
+        assert!(
+            line(
+                &text,
+                r#"csi_operations_in_flight{method="DeleteVolume"} 1"#
+            )
+            .is_some(),
+            "{text}"
+        );
+        drop(pending);
+        m.api_attempt::<()>("volume/list", &Ok(()), Duration::from_millis(3));
+        let throttled: Result<(), _> = Err(ApiError::Throttled {
+            action: "volume/info".into(),
+            message: "rate limit exceeded".into(),
+        });
+        m.api_attempt("volume/info", &throttled, Duration::from_millis(1));
+        m.api_retry("volume/info");
+
+        let text = m.encode();
+        for want in [
+            r#"csi_rpc_requests_total{method="CreateVolume",code="OK"} 1"#,
+            r#"csi_rpc_requests_total{method="CreateVolume",code="InvalidArgument"} 1"#,
+            r#"csi_rpc_requests_total{method="DeleteVolume",code="Cancelled"} 1"#,
+            r#"csi_rpc_duration_seconds_count{method="CreateVolume"} 2"#,
+            r#"csi_rpc_duration_seconds_bucket{method="CreateVolume",le="300"} 2"#,
+            r#"csi_operations_in_flight{method="DeleteVolume"} 0"#,
+            r#"lunanode_api_requests_total{action="volume/list",result="ok"} 1"#,
+            r#"lunanode_api_requests_total{action="volume/info",result="throttled"} 1"#,
+            r#"lunanode_api_throttled_total{action="volume/info"} 1"#,
+            r#"lunanode_api_retries_total{action="volume/info"} 1"#,
+            r#"lunanode_api_request_duration_seconds_count{action="volume/list"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
+        }
+        for name in [
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(line(&text, name).is_some(), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_code_has_a_name() {
+        for c in 0..17 {
+            let code = tonic::Code::from_i32(c);
+            assert_eq!(
+                code_name(code).to_ascii_lowercase(),
+                format!("{code:?}").to_ascii_lowercase()
+            );
+        }
+    }
+}
