@@ -540,7 +540,7 @@ def test_chart_created_secret_carries_values():
 
 def test_controller_optional_driver_args(default, custom):
     args = flags(container(default.controller, "lunanode-csi"))
-    for absent in ("--api-url", "--qps", "--burst", "--metrics-addr", "--region", "--node-id"):
+    for absent in ("--api-url", "--qps", "--burst", "--region", "--node-id"):
         assert absent not in args, absent
     assert args["--log-format"] == "json" and args["--log-level"] == "info"
     args = flags(container(custom.controller, "lunanode-csi"))
@@ -751,9 +751,15 @@ def test_constants_match_driver_source(const, expected):
 
 # --------------------------------------------------------------------------- metrics
 
-def test_metrics_off_by_default(default):
-    assert default.of_kind("Service") == [] and default.of_kind("ServiceMonitor") == []
-    assert "--metrics-addr" not in flags(container(default.controller, "lunanode-csi"))
+def test_metrics_on_by_default_without_service_monitor(default):
+    assert len(default.of_kind("Service")) == 1 and default.of_kind("ServiceMonitor") == []
+    assert flags(container(default.controller, "lunanode-csi"))["--metrics-addr"] == "0.0.0.0:9808"
+
+
+def test_metrics_can_be_turned_off():
+    r = render({"metrics": {"enabled": False}})
+    assert r.of_kind("Service") == [] and r.of_kind("ServiceMonitor") == []
+    assert "--metrics-addr" not in flags(container(r.controller, "lunanode-csi"))
 
 
 def test_metrics_service_and_service_monitor(custom):
