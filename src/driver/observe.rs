@@ -58,6 +58,40 @@ pub struct Ids<'a> {
     pub node_id: Option<&'a str>,
 }
 
+impl<'a> Ids<'a> {
+    /// A call that names a volume.
+    pub fn volume(id: &'a str) -> Self {
+        Ids {
+            volume_id: Some(id),
+            ..Default::default()
+        }
+    }
+
+    /// A call that names a snapshot.
+    pub fn snapshot(id: &'a str) -> Self {
+        Ids {
+            snapshot_id: Some(id),
+            ..Default::default()
+        }
+    }
+
+    /// A create call, named by its idempotency key.
+    pub fn named(name: &'a str) -> Self {
+        Ids {
+            name: Some(name),
+            ..Default::default()
+        }
+    }
+
+    /// Also name a node.
+    pub fn on_node(self, node_id: &'a str) -> Self {
+        Ids {
+            node_id: Some(node_id),
+            ..self
+        }
+    }
+}
+
 fn nonempty(s: Option<&str>) -> Option<&str> {
     s.filter(|s| !s.is_empty())
 }

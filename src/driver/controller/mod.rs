@@ -139,50 +139,36 @@ const CAPABILITIES: &[RpcType] = &[
     RpcType::SingleNodeMultiWriter,
 ];
 
+type Reply<T> = Result<Response<T>, Status>;
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
         &self,
         req: Request<CreateVolumeRequest>,
-    ) -> Result<Response<CreateVolumeResponse>, Status> {
+    ) -> Reply<CreateVolumeResponse> {
         let deadline = self.inner.deadline(&req);
         let r = req.into_inner();
-        let ids = Ids {
-            name: Some(&r.name),
-            ..Default::default()
-        };
-        rpc_with(
-            &self.obs,
-            "CreateVolume",
-            ids,
-            self.inner.create_volume(&r, deadline),
-        )
-        .await
+        let work = self.inner.create_volume(&r, deadline);
+        rpc_with(&self.obs, "CreateVolume", Ids::named(&r.name), work).await
     }
 
     async fn delete_volume(
         &self,
         req: Request<DeleteVolumeRequest>,
-    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+    ) -> Reply<DeleteVolumeResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            ..Default::default()
-        };
-        rpc_with(&self.obs, "DeleteVolume", ids, self.inner.delete_volume(&r)).await
+        let work = self.inner.delete_volume(&r);
+        rpc_with(&self.obs, "DeleteVolume", Ids::volume(&r.volume_id), work).await
     }
 
     async fn controller_publish_volume(
         &self,
         req: Request<ControllerPublishVolumeRequest>,
-    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+    ) -> Reply<ControllerPublishVolumeResponse> {
         let deadline = self.inner.deadline(&req);
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            node_id: Some(&r.node_id),
-            ..Default::default()
-        };
+        let ids = Ids::volume(&r.volume_id).on_node(&r.node_id);
         rpc_with(
             &self.obs,
             "ControllerPublishVolume",
@@ -195,14 +181,10 @@ impl Controller for ControllerService {
     async fn controller_unpublish_volume(
         &self,
         req: Request<ControllerUnpublishVolumeRequest>,
-    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+    ) -> Reply<ControllerUnpublishVolumeResponse> {
         let deadline = self.inner.deadline(&req);
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            node_id: Some(&r.node_id),
-            ..Default::default()
-        };
+        let ids = Ids::volume(&r.volume_id).on_node(&r.node_id);
         rpc_with(
             &self.obs,
             "ControllerUnpublishVolume",
@@ -215,25 +197,19 @@ impl Controller for ControllerService {
     async fn validate_volume_capabilities(
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
-    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+    ) -> Reply<ValidateVolumeCapabilitiesResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            ..Default::default()
-        };
+        let work = self.inner.validate_capabilities(&r);
         rpc_with(
             &self.obs,
             "ValidateVolumeCapabilities",
-            ids,
-            self.inner.validate_capabilities(&r),
+            Ids::volume(&r.volume_id),
+            work,
         )
         .await
     }
 
-    async fn list_volumes(
-        &self,
-        req: Request<ListVolumesRequest>,
-    ) -> Result<Response<ListVolumesResponse>, Status> {
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Reply<ListVolumesResponse> {
         let r = req.into_inner();
         rpc_with(
             &self.obs,
@@ -244,10 +220,7 @@ impl Controller for ControllerService {
         .await
     }
 
-    async fn get_capacity(
-        &self,
-        _req: Request<GetCapacityRequest>,
-    ) -> Result<Response<GetCapacityResponse>, Status> {
+    async fn get_capacity(&self, _req: Request<GetCapacityRequest>) -> Reply<GetCapacityResponse> {
         rpc_with(&self.obs, "GetCapacity", Ids::default(), async {
             Err(Error::Unimplemented(
                 "GetCapacity is not offered: Luna Node does not report free capacity".into(),
@@ -259,21 +232,19 @@ impl Controller for ControllerService {
     async fn controller_get_capabilities(
         &self,
         _req: Request<ControllerGetCapabilitiesRequest>,
-    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+    ) -> Reply<ControllerGetCapabilitiesResponse> {
         rpc_with(
             &self.obs,
             "ControllerGetCapabilities",
             Ids::default(),
             async {
+                let rpc = |t: &RpcType| ControllerServiceCapability {
+                    r#type: Some(controller_service_capability::Type::Rpc(
+                        controller_service_capability::Rpc { r#type: *t as i32 },
+                    )),
+                };
                 Ok(ControllerGetCapabilitiesResponse {
-                    capabilities: CAPABILITIES
-                        .iter()
-                        .map(|t| ControllerServiceCapability {
-                            r#type: Some(controller_service_capability::Type::Rpc(
-                                controller_service_capability::Rpc { r#type: *t as i32 },
-                            )),
-                        })
-                        .collect(),
+                    capabilities: CAPABILITIES.iter().map(rpc).collect(),
                 })
             },
         )
@@ -283,12 +254,11 @@ impl Controller for ControllerService {
     async fn create_snapshot(
         &self,
         req: Request<CreateSnapshotRequest>,
-    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+    ) -> Reply<CreateSnapshotResponse> {
         let r = req.into_inner();
         let ids = Ids {
-            name: Some(&r.name),
             volume_id: Some(&r.source_volume_id),
-            ..Default::default()
+            ..Ids::named(&r.name)
         };
         rpc_with(
             &self.obs,
@@ -302,17 +272,14 @@ impl Controller for ControllerService {
     async fn delete_snapshot(
         &self,
         req: Request<DeleteSnapshotRequest>,
-    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+    ) -> Reply<DeleteSnapshotResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            snapshot_id: Some(&r.snapshot_id),
-            ..Default::default()
-        };
+        let work = self.inner.delete_snapshot(&r);
         rpc_with(
             &self.obs,
             "DeleteSnapshot",
-            ids,
-            self.inner.delete_snapshot(&r),
+            Ids::snapshot(&r.snapshot_id),
+            work,
         )
         .await
     }
@@ -320,12 +287,11 @@ impl Controller for ControllerService {
     async fn list_snapshots(
         &self,
         req: Request<ListSnapshotsRequest>,
-    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+    ) -> Reply<ListSnapshotsResponse> {
         let r = req.into_inner();
         let ids = Ids {
             volume_id: Some(&r.source_volume_id),
-            snapshot_id: Some(&r.snapshot_id),
-            ..Default::default()
+            ..Ids::snapshot(&r.snapshot_id)
         };
         rpc_with(
             &self.obs,
@@ -336,38 +302,33 @@ impl Controller for ControllerService {
         .await
     }
 
-    async fn get_snapshot(
-        &self,
-        req: Request<GetSnapshotRequest>,
-    ) -> Result<Response<GetSnapshotResponse>, Status> {
+    async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Reply<GetSnapshotResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            snapshot_id: Some(&r.snapshot_id),
-            ..Default::default()
-        };
-        rpc_with(&self.obs, "GetSnapshot", ids, async {
-            Err(Error::Unimplemented(
-                "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
-            ))
-        })
+        rpc_with(
+            &self.obs,
+            "GetSnapshot",
+            Ids::snapshot(&r.snapshot_id),
+            async {
+                Err(Error::Unimplemented(
+                    "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id".into(),
+                ))
+            },
+        )
         .await
     }
 
     async fn controller_expand_volume(
         &self,
         req: Request<ControllerExpandVolumeRequest>,
-    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+    ) -> Reply<ControllerExpandVolumeResponse> {
         let deadline = self.inner.deadline(&req);
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            ..Default::default()
-        };
+        let work = self.inner.expand_volume(&r, deadline);
         rpc_with(
             &self.obs,
             "ControllerExpandVolume",
-            ids,
-            self.inner.expand_volume(&r, deadline),
+            Ids::volume(&r.volume_id),
+            work,
         )
         .await
     }
@@ -375,17 +336,14 @@ impl Controller for ControllerService {
     async fn controller_get_volume(
         &self,
         req: Request<ControllerGetVolumeRequest>,
-    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+    ) -> Reply<ControllerGetVolumeResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            ..Default::default()
-        };
+        let work = self.inner.get_volume(&r);
         rpc_with(
             &self.obs,
             "ControllerGetVolume",
-            ids,
-            self.inner.get_volume(&r),
+            Ids::volume(&r.volume_id),
+            work,
         )
         .await
     }
@@ -393,14 +351,13 @@ impl Controller for ControllerService {
     async fn controller_modify_volume(
         &self,
         req: Request<ControllerModifyVolumeRequest>,
-    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+    ) -> Reply<ControllerModifyVolumeResponse> {
         let r = req.into_inner();
-        let ids = Ids {
-            volume_id: Some(&r.volume_id),
-            ..Default::default()
-        };
-        rpc_with(&self.obs, "ControllerModifyVolume", ids, async {
-            Err(Error::Unimplemented("ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters".into()))
+        rpc_with(&self.obs, "ControllerModifyVolume", Ids::volume(&r.volume_id), async {
+            Err(Error::Unimplemented(
+                "ControllerModifyVolume is not offered: Luna Node volumes have no mutable parameters"
+                    .into(),
+            ))
         })
         .await
     }
