@@ -341,12 +341,14 @@ fn stage_mount(
         return Ok(());
     }
 
-    match probe::probe(&dev.path)? {
+    // A disk formatted just now already fills its device: nothing to grow.
+    let fresh = match probe::probe(&dev.path)? {
         Probe::Filesystem(found) if found == fs_type => {
             // An offline expansion: grow ext4 while it is still unmounted.
             if fs_type == "ext4" && !read_only {
                 resize::grow_ext4_offline(&dev.path)?;
             }
+            false
         }
         Probe::Filesystem(found) => {
             return Err(VolumeError::ForeignFilesystem {
@@ -371,18 +373,11 @@ fn stage_mount(
             .into());
         }
         Probe::Blank => {
+            // mkfs's own exit status is the check; a bad result would fail the mount.
             fs::format(&dev.path, fs_type)?;
-            match probe::probe(&dev.path)? {
-                Probe::Filesystem(t) if t == fs_type => {}
-                other => {
-                    return Err(Error::Internal(format!(
-                        "formatted {} as {fs_type} but a probe now reports {other:?}",
-                        dev.path.display()
-                    )));
-                }
-            }
+            true
         }
-    }
+    };
 
     mount::ensure_dir(staging)?;
     let mut opts = options.clone();
@@ -394,7 +389,7 @@ fn stage_mount(
         opts.data.push("nouuid".into());
     }
     mount::mount_fs(&dev.path, staging, fs_type, &opts)?;
-    if !opts.flags.contains(MsFlags::MS_RDONLY) {
+    if !fresh && !opts.flags.contains(MsFlags::MS_RDONLY) {
         // How an offline expansion reaches the filesystem. On failure the mount stays; a
         // retried stage finds it and tries the growth again.
         resize::grow_if_needed(fs_type, &dev.path, staging)?;
