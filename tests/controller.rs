@@ -982,6 +982,8 @@ async fn lost_replies_and_faults_never_duplicate_or_leak() {
                         Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
                     ) =>
                 {
+                    // Like a sidecar: back off (longer than the harness's unknown-create grace).
+                    tokio::time::sleep(Duration::from_millis(60)).await;
                     continue;
                 }
                 Err(s) => panic!("{name}: unexpected {s:?}"),
@@ -1023,5 +1025,115 @@ async fn publishing_past_the_per_node_limit_is_resource_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn transitional_states_and_unsupported_requests() {
+    // Status changes take 1.5 s, so a publish cut short by its deadline leaves the volume
+    // `attaching` (the API shows no VM yet).
+    let h = Harness::start_with(
+        |s| s.transition = Duration::from_millis(1500),
+        controller_config(),
+    )
+    .await;
+    let mut c = h.controller().await;
+    let v = create(&h, "pvc-busy", 1).await;
+    let a = h.vm("node-a");
+    let publish = ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: a.clone(),
+        volume_capability: Some(mount_cap("ext4")),
+        ..Default::default()
+    };
+    let mut ro = publish.clone();
+    ro.readonly = true;
+    assert_eq!(
+        code(c.controller_publish_volume(ro).await),
+        Code::InvalidArgument
+    );
+
+    let mut short = tonic::Request::new(publish.clone());
+    short.set_timeout(Duration::from_millis(300));
+    assert!(c.controller_publish_volume(short).await.is_err());
+    // OK here would leave the volume attached behind the CO's back once the attach lands.
+    let unpublish = ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: a.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.controller_unpublish_volume(unpublish.clone()).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(
+            c.delete_volume(DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Aborted
+    );
+    // Retried like a sidecar, both converge.
+    let mut published = false;
+    for _ in 0..50 {
+        match c.controller_publish_volume(publish.clone()).await {
+            Ok(_) => {
+                published = true;
+                break;
+            }
+            Err(s) if s.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert!(published);
+    c.controller_unpublish_volume(unpublish).await.unwrap();
+    assert!(h.sim().state().volumes[0].attached.is_none());
+
+    // A volume context this driver never produced is not confirmed, nor another region.
+    let mut vreq = ValidateVolumeCapabilitiesRequest {
+        volume_id: v.volume_id.clone(),
+        volume_capabilities: vec![mount_cap("ext4")],
+        ..Default::default()
+    };
+    vreq.volume_context.insert("foo".into(), "bar".into());
+    assert!(
+        c.validate_volume_capabilities(vreq.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .confirmed
+            .is_none()
+    );
+    vreq.volume_context.clear();
+    vreq.parameters.insert("region".into(), "montreal".into());
+    assert!(
+        c.validate_volume_capabilities(vreq)
+            .await
+            .unwrap()
+            .into_inner()
+            .confirmed
+            .is_none()
+    );
+
+    // A retry whose preferred region changed still gets the volume, if its region is allowed.
+    let mut again = create_req("pvc-busy", 1);
+    again.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo("montreal"), topo("toronto")],
+        preferred: vec![topo("montreal")],
+    });
+    let got = c
+        .create_volume(again)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(got.volume_id, v.volume_id);
+    assert_eq!(got.accessible_topology, vec![topo("toronto")]);
     h.stop().await;
 }

@@ -207,6 +207,10 @@ pub fn page<T, K: Ord + ToString>(
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The gRPC wire format allows at most 8 digits; anything else is not a deadline.
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -378,6 +382,22 @@ mod tests {
             pg(items, -1, "").unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_within_the_wire_format() {
+        let t = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(t("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        assert_eq!(t("999999999H"), None, "more than 8 digits");
+        assert_eq!(t("S"), None);
+        assert_eq!(t("-1S"), None);
+        assert_eq!(t("10x"), None);
     }
 
     #[test]

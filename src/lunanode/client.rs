@@ -166,6 +166,8 @@ impl Client {
         params: &BTreeMap<&str, String>,
     ) -> Result<Value, ApiError> {
         let inner = &self.inner;
+        // Wait for the rate limit first, so nonces are taken in the order requests leave.
+        inner.limiter.acquire().await;
         let creds = &inner.cfg.credentials;
         let mut req: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
         req.insert("api_id", creds.api_id());
@@ -179,7 +181,6 @@ impl Client {
             kind(action.to_string(), message)
         };
 
-        inner.limiter.acquire().await;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = inner
             .http

@@ -63,6 +63,10 @@ impl ApiError {
         let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
         if has(&["rate limit", "too many requests", "throttl", "slow down"]) {
             ApiError::Throttled { action, message }
+        } else if has(&["nonce"]) {
+            // A nonce the server did not like (e.g. reordered concurrent requests): a fresh
+            // request carries a fresh nonce.
+            ApiError::Transient { action, message }
         } else if has(&["maximum of", "quota", "limit reached", "too many volumes"]) {
             ApiError::LimitExceeded { action, message }
         } else if has(&[
@@ -83,15 +87,7 @@ impl ApiError {
             "permission denied",
         ]) {
             ApiError::Auth { action, message }
-        } else if has(&[
-            "not found",
-            "does not exist",
-            "no such",
-            "invalid vm",
-            "invalid volume",
-            "invalid snapshot",
-            "invalid image",
-        ]) {
+        } else if has(&["not found", "does not exist", "no such"]) || names_unknown_object(&lower) {
             ApiError::NotFound { action, message }
         } else if has(&[
             "attached",
@@ -120,6 +116,30 @@ impl ApiError {
     }
 }
 
+/// "invalid vm" is how the API says a VM does not exist (and likewise for the other
+/// objects), but "invalid volume size" is a bad parameter: only the bare phrase, optionally
+/// followed by an ID, names an unknown object.
+fn names_unknown_object(lower: &str) -> bool {
+    [
+        "invalid vm",
+        "invalid volume",
+        "invalid snapshot",
+        "invalid image",
+    ]
+    .iter()
+    .any(|p| match lower.trim().strip_prefix(p) {
+        Some(rest) => {
+            let rest = rest.trim_start_matches([' ', ':', '#']).trim();
+            rest.is_empty()
+                || rest == "id"
+                || rest.starts_with("id ")
+                || (rest.bytes().any(|b| b.is_ascii_digit())
+                    && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        }
+        None => false,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +148,15 @@ mod tests {
     fn classifies_known_messages() {
         let c = |m| ApiError::from_cloud_message("volume/x", m);
         assert!(matches!(c("invalid vm"), ApiError::NotFound { .. }));
+        assert!(matches!(
+            c("invalid volume 4682"),
+            ApiError::NotFound { .. }
+        ));
+        assert!(matches!(
+            c("invalid volume size"),
+            ApiError::InvalidArgument { .. }
+        ));
+        assert!(matches!(c("invalid nonce"), ApiError::Transient { .. }));
         assert!(matches!(c("volume not found"), ApiError::NotFound { .. }));
         assert!(matches!(
             c("region not set"),

@@ -36,7 +36,9 @@ impl RateLimiter {
     }
 
     /// Take one token, reserving it now and sleeping until it is due. Reserving (letting the
-    /// balance go negative) keeps waiters in arrival order without a queue.
+    /// balance go negative) keeps waiters in arrival order without a queue. A waiter that
+    /// is cancelled before its turn (its RPC timed out) gives its reservation back, so
+    /// abandoned calls do not hold up the ones still waiting.
     pub async fn acquire(&self) {
         if self.qps <= 0.0 {
             return;
@@ -54,8 +56,24 @@ impl RateLimiter {
                 Duration::from_secs_f64(-b.tokens / self.qps)
             }
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if wait.is_zero() {
+            return;
+        }
+        let mut refund = Refund(Some(self));
+        tokio::time::sleep(wait).await;
+        refund.0 = None;
+    }
+}
+
+/// Returns a reservation to the bucket when dropped before it was used.
+struct Refund<'a>(Option<&'a RateLimiter>);
+
+impl Drop for Refund<'_> {
+    fn drop(&mut self) {
+        if let Some(rl) = self.0
+            && let Ok(mut b) = rl.state.lock()
+        {
+            b.tokens = (b.tokens + 1.0).min(rl.burst);
         }
     }
 }
@@ -75,6 +93,23 @@ mod tests {
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(1900), "took {took:?}");
         assert!(took <= Duration::from_millis(2200), "took {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_give_their_turn_back() {
+        let rl = RateLimiter::new(10.0, 1);
+        rl.acquire().await;
+        // Nine callers give up while waiting; the next one must not wait behind them.
+        for _ in 0..9 {
+            let _ = tokio::time::timeout(Duration::from_millis(1), rl.acquire()).await;
+        }
+        let start = tokio::time::Instant::now();
+        rl.acquire().await;
+        assert!(
+            start.elapsed() <= Duration::from_millis(150),
+            "waited {:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -78,10 +78,13 @@ pub fn client_for(sim: &SimHandle) -> Client {
 }
 
 pub fn controller_config() -> ControllerConfig {
-    let mut cfg = ControllerConfig::default();
+    let mut cfg = ControllerConfig {
+        unknown_create_grace: Duration::from_millis(50),
+        default_timeout: Duration::from_secs(30),
+        ..ControllerConfig::default()
+    };
     cfg.backoff.initial = Duration::from_millis(5);
     cfg.backoff.max = Duration::from_millis(50);
-    cfg.default_timeout = Duration::from_secs(30);
     cfg
 }
 

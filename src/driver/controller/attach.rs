@@ -21,7 +21,7 @@ fn publish_context(vol: &CloudVolume) -> HashMap<String, String> {
 }
 
 /// Transitional statuses: the volume is busy and the caller should retry.
-fn busy(vol: &CloudVolume) -> bool {
+fn in_transition(vol: &CloudVolume) -> bool {
     vol.readiness() == Readiness::Pending
 }
 
@@ -59,6 +59,12 @@ impl Inner {
             .as_ref()
             .ok_or_else(|| Error::invalid("volume_capability is required"))?;
         validate::capability(cap).map_err(Error::InvalidArgument)?;
+        if r.readonly {
+            // PUBLISH_READONLY is not offered: the cloud attaches read-write only.
+            return Err(Error::invalid(
+                "readonly publishing is not supported (no PUBLISH_READONLY capability); mount read-only on the node instead",
+            ));
+        }
         let _guard = self.lock_volume(&r.volume_id)?;
         let (vref, vol) = self.volume_or_not_found(&r.volume_id).await?;
         let node = r.node_id.as_str();
@@ -75,17 +81,19 @@ impl Inner {
                     publish_context: publish_context(&vol),
                 });
             }
+            Some(vm) if vm == node && vol.status == "detaching" => {
+                return Err(Error::Aborted(format!(
+                    "volume {vref} is still detaching from node {vm}; retry once it is detached"
+                )));
+            }
             Some(vm) if vm == node => {} // attaching: wait below
             Some(vm) => {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {vref} is attached to node {vm}; it must be unpublished there first (single-node access)"
                 )));
             }
-            None if busy(&vol) => {
-                return Err(Error::Aborted(format!(
-                    "volume {vref} is busy (status {:?}); retry shortly",
-                    vol.status
-                )));
+            None if in_transition(&vol) => {
+                return Err(super::busy(&vref, &vol));
             }
             None if vol.readiness() == Readiness::Failed => {
                 return Err(Error::FailedPrecondition(format!(
@@ -148,6 +156,11 @@ impl Inner {
                 .is_some_and(|vm| node.is_empty() || vm == node)
         };
         if !attached_here(&vol) {
+            // An attach in flight may not name its VM yet: answering OK now would leave the
+            // volume attached behind the CO's back once it completes.
+            if vol.attached_vm().is_none() && in_transition(&vol) {
+                return Err(super::busy(&vref, &vol));
+            }
             return Ok(ControllerUnpublishVolumeResponse {});
         }
         if vol.status != "detaching" {

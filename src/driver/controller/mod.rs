@@ -5,6 +5,7 @@
 //! service is reachable, wraps each call in [`observe::rpc`] and dispatches.
 
 mod attach;
+mod intents;
 mod snapshots;
 mod volumes;
 pub mod wait;
@@ -38,6 +39,9 @@ pub struct ControllerConfig {
     pub max_size_gb: u64,
     /// How long an RPC may wait for the cloud when the CO set no deadline.
     pub default_timeout: Duration,
+    /// How long a create with an unknown outcome (lost reply, timeout, cancelled call)
+    /// blocks creating the same name again while the driver waits for it to appear.
+    pub unknown_create_grace: Duration,
     pub backoff: Backoff,
 }
 
@@ -53,6 +57,7 @@ impl Default for ControllerConfig {
             min_size_gb: 1,
             max_size_gb: 16_384,
             default_timeout: Duration::from_secs(300),
+            unknown_create_grace: Duration::from_secs(60),
             backoff: Backoff::default(),
         }
     }
@@ -72,6 +77,8 @@ pub(crate) struct Inner {
     /// VM ID → region. A VM never changes region, so this never goes stale; a VM that is
     /// deleted is caught by the cloud when attaching to it.
     vm_regions: Mutex<HashMap<String, String>>,
+    /// Creates whose outcome is unknown, by name.
+    intents: intents::Intents,
     /// Snapshot ID → when this process first saw it (the API gives no snapshot time).
     snapshot_first_seen: Mutex<HashMap<String, std::time::SystemTime>>,
 }
@@ -79,6 +86,7 @@ pub(crate) struct Inner {
 impl ControllerService {
     /// A controller talking to the cloud through `client`.
     pub fn new(client: Client, cfg: ControllerConfig) -> Self {
+        let unknown_create_grace = cfg.unknown_create_grace;
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -86,6 +94,7 @@ impl ControllerService {
                 inflight: InFlight::default(),
                 vm_regions: Mutex::new(HashMap::new()),
                 snapshot_first_seen: Mutex::new(HashMap::new()),
+                intents: intents::Intents::new(unknown_create_grace),
             }),
             obs: Observer::default(),
         }
@@ -123,6 +132,14 @@ impl Inner {
             segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), region.to_string())]),
         }]
     }
+}
+
+/// A volume in a transitional status: the CO should retry shortly (ABORTED).
+fn busy(vref: &crate::driver::ids::VolumeRef, vol: &crate::lunanode::Volume) -> Error {
+    Error::Aborted(format!(
+        "volume {vref} is busy (status {:?}); retry once it settles",
+        vol.status
+    ))
 }
 
 const CAPABILITIES: &[RpcType] = &[

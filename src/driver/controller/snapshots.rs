@@ -1,7 +1,7 @@
 //! CreateSnapshot, DeleteSnapshot and ListSnapshots.
 
-use super::Inner;
 use super::wait::{self, Deadline};
+use super::{Inner, intents};
 use crate::csi::*;
 use crate::driver::error::Error;
 use crate::driver::ids::{SnapshotRef, VolumeRef};
@@ -13,6 +13,10 @@ fn csi_snapshot(inner: &Inner, s: &CloudSnapshot, region: &str) -> crate::csi::S
         // The API reference shows no snapshot timestamp but the spec requires one: use the
         // time this process first saw the snapshot, so repeated answers agree.
         let mut seen = inner.snapshot_first_seen.lock().expect("snapshot times");
+        // Bounded: a cluster with more snapshots than this sees some times move.
+        if seen.len() >= 100_000 && !seen.contains_key(&s.id) {
+            seen.clear();
+        }
         let first = *seen
             .entry(s.id.clone())
             .or_insert_with(std::time::SystemTime::now);
@@ -110,11 +114,14 @@ impl Inner {
             let list = self.snapshots_in(&src.region).await?;
             Ok::<_, Error>(
                 list.into_iter()
+                    .filter(|s| s.readiness() != Readiness::Failed)
                     .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
                     .map(|s| s.id),
             )
         };
         if let Some(id) = find().await? {
+            self.intents
+                .clear(&format!("snapshot:{}:{label}", src.region));
             return Ok(id);
         }
         self.create_labelled_snapshot(src, label).await
@@ -128,14 +135,25 @@ impl Inner {
         src: &VolumeRef,
         label: &str,
     ) -> Result<String, Error> {
-        match self.client.snapshot_create(src.id, label).await {
+        let key = format!("snapshot:{}:{label}", src.region);
+        self.intents.check(&key, &format!("snapshot {label:?}"))?;
+        match self
+            .intents
+            .run(&key, self.client.snapshot_create(src.id, label))
+            .await
+        {
             Ok(id) => Ok(id),
-            Err(e) if e.is_retryable() => {
+            Err(e) if !intents::made_nothing(&e) => {
                 let list = self.snapshots_in(&src.region).await?;
-                list.into_iter()
+                let found = list
+                    .into_iter()
                     .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
-                    .map(|s| s.id)
-                    .ok_or_else(|| e.into())
+                    .map(|s| s.id);
+                found.inspect(|_| self.intents.clear(&key)).ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "creating snapshot {label:?} had an unknown outcome ({e}); a retry looks for it before creating again"
+                    ))
+                })
             }
             Err(ApiError::NotFound { .. }) => Err(Error::NotFound(format!(
                 "source volume {src} does not exist"
@@ -178,6 +196,8 @@ impl Inner {
         // snapshot with this name on another volume is a conflict.
         let list = self.snapshots_in(&src.region).await?;
         if let Some(existing) = list.iter().find(|s| s.name == r.name) {
+            self.intents
+                .clear(&format!("snapshot:{}:{}", src.region, r.name));
             let same_source = existing.volume.as_ref().is_some_and(|v| v.id == src.id);
             if !same_source {
                 return Err(Error::AlreadyExists(format!(

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use super::Inner;
 use super::wait::{self, Deadline};
+use super::{Inner, intents};
 use crate::csi::volume_content_source::Type as Source;
 use crate::csi::*;
 use crate::driver::error::Error;
@@ -26,6 +26,19 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Whether an existing volume's region satisfies a retried request whose preferred region
+/// changed: with no StorageClass region, any region the topology requires will do.
+fn region_acceptable(r: &CreateVolumeRequest, region: &str) -> bool {
+    if r.parameters.get("region").is_some_and(|p| !p.is_empty()) {
+        return false;
+    }
+    r.accessibility_requirements.as_ref().is_some_and(|t| {
+        t.requisite
+            .iter()
+            .any(|s| s.segments.get(crate::TOPOLOGY_KEY).map(String::as_str) == Some(region))
+    })
 }
 
 /// Where the volume of a CreateVolume goes: the StorageClass `region`, else the topology
@@ -150,7 +163,16 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let what = format!("volume {vref} to become available");
         let vol = wait::until(deadline, self.cfg.backoff, &what, || async {
-            let v = self.client.volume_info(vref.id).await?;
+            let v = match self.client.volume_info(vref.id).await {
+                Ok(v) => v,
+                // NOT_FOUND would tell the CO the request's source is missing (final).
+                Err(ApiError::NotFound { .. }) => {
+                    return Err(Error::Unavailable(format!(
+                        "volume {vref} disappeared while waiting for it; retry to create it again"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             Ok(match v.readiness() {
                 Readiness::Pending => None,
                 _ => Some(v),
@@ -250,7 +272,7 @@ impl Inner {
             },
             id: existing.id,
         };
-        if vref.region != region {
+        if vref.region != region && !region_acceptable(r, &vref.region) {
             return Err(Error::AlreadyExists(format!(
                 "volume {vref} named {:?} already exists in region {}, not {region}",
                 r.name, vref.region
@@ -266,11 +288,13 @@ impl Inner {
                 r.name, existing.size
             )));
         }
+        self.intents.clear(&format!("volume:{}", r.name));
         let mut vol = self.wait_available(&vref, deadline).await?;
         if from_source && vol.size < size_gb {
             vol = self.extend_and_wait(&vref, size_gb, deadline).await?;
         }
-        self.cleanup_restore_leftovers(&r.name, region).await?;
+        self.cleanup_restore_leftovers(&r.name, &vref.region)
+            .await?;
         if let Some(Source::Volume(src)) = r
             .volume_content_source
             .as_ref()
@@ -280,7 +304,11 @@ impl Inner {
             self.cleanup_clone_snapshot(&r.name, &src).await?;
         }
         Ok(CreateVolumeResponse {
-            volume: Some(csi_volume(&vol, region, r.volume_content_source.clone())),
+            volume: Some(csi_volume(
+                &vol,
+                &vref.region,
+                r.volume_content_source.clone(),
+            )),
         })
     }
 
@@ -294,22 +322,26 @@ impl Inner {
         source: Option<CreateSource<'_>>,
         deadline: Deadline,
     ) -> Result<CloudVolume, Error> {
-        let id = match self
-            .client
-            .volume_create(region, name, size_gb, source)
-            .await
-        {
+        let key = format!("volume:{name}");
+        self.intents.check(&key, &format!("volume {name:?}"))?;
+        let create = self.client.volume_create(region, name, size_gb, source);
+        let id = match self.intents.run(&key, create).await {
             Ok(id) => id,
-            Err(e) if e.is_retryable() => match self.volume_by_label(name).await {
+            Err(e) if !intents::made_nothing(&e) => match self.volume_by_label(name).await {
                 Ok(Some(v)) => {
                     tracing::info!(
                         name,
                         volume = v.id,
                         "create reply was lost but the volume exists; using it"
                     );
+                    self.intents.clear(&key);
                     v.id
                 }
-                _ => return Err(e.into()),
+                _ => {
+                    return Err(Error::Unavailable(format!(
+                        "creating volume {name:?} had an unknown outcome ({e}); a retry looks for it before creating again"
+                    )));
+                }
             },
             Err(e) => return Err(e.into()),
         };
@@ -341,6 +373,12 @@ impl Inner {
         let what = format!("volume {vref} to grow to {size_gb} GB");
         wait::until(deadline, self.cfg.backoff, &what, || async {
             let v = self.client.volume_info(vref.id).await?;
+            if v.readiness() == Readiness::Failed {
+                return Err(Error::Internal(format!(
+                    "extending volume {vref} failed in the cloud (status {:?}); contact Luna Node support",
+                    v.status
+                )));
+            }
             Ok((v.size >= size_gb && v.readiness() == Readiness::Ready).then_some(v))
         })
         .await
@@ -393,20 +431,30 @@ impl Inner {
         deadline: Deadline,
     ) -> Result<CloudVolume, Error> {
         let image_name = restore_image_name(name);
+        let key = format!("image:{region}:{image_name}");
         let image_id = match self.find_image(&image_name, region).await? {
-            Some(id) => id,
-            None => match self
-                .client
-                .snapshot_replicate(&sref.region, &sref.uuid, &image_name, region)
-                .await
-            {
-                Ok(id) => id,
-                Err(e) if e.is_retryable() => self
-                    .find_image(&image_name, region)
-                    .await?
-                    .ok_or(Error::from(e))?,
-                Err(e) => return Err(e.into()),
-            },
+            Some(id) => {
+                self.intents.clear(&key);
+                id
+            }
+            None => {
+                self.intents.check(&key, &format!("image {image_name:?}"))?;
+                let replicate =
+                    self.client
+                        .snapshot_replicate(&sref.region, &sref.uuid, &image_name, region);
+                match self.intents.run(&key, replicate).await {
+                    Ok(id) => id,
+                    Err(e) if !intents::made_nothing(&e) => {
+                        let found = self.find_image(&image_name, region).await?;
+                        found.inspect(|_| self.intents.clear(&key)).ok_or_else(|| {
+                            Error::Unavailable(format!(
+                                "replicating snapshot {sref} to {region} had an unknown outcome ({e}); a retry looks for the image first"
+                            ))
+                        })?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
         let what = format!("image {image_id} (snapshot {sref} replicated to {region})");
         wait::until(deadline, self.cfg.backoff, &what, || async {
@@ -418,9 +466,13 @@ impl Inner {
             {
                 Some(Readiness::Ready) => Ok(Some(())),
                 Some(Readiness::Pending) => Ok(None),
-                Some(Readiness::Failed) => Err(Error::Internal(format!(
-                    "replicating snapshot {sref} to {region} failed in the cloud"
-                ))),
+                Some(Readiness::Failed) => {
+                    // Remove it so that the retry replicates afresh instead of waiting on it.
+                    let _ = self.client.image_delete(image_id).await;
+                    Err(Error::Unavailable(format!(
+                        "replicating snapshot {sref} to {region} failed in the cloud; the failed image was removed and a retry replicates again"
+                    )))
+                }
                 None => Err(Error::Unavailable(format!(
                     "image {image_id} disappeared while waiting for it; retry"
                 ))),
@@ -445,6 +497,7 @@ impl Inner {
         Ok(images
             .iter()
             .filter(|i| i.name == image_name && (i.region.is_empty() || i.region == region))
+            .filter(|i| i.readiness() != Readiness::Failed)
             .map(|i| i.image_id)
             .min())
     }
@@ -528,13 +581,22 @@ impl Inner {
             region: src.region.clone(),
             uuid: snap_uuid,
         };
-        self.wait_snapshot_ready(&sref, deadline)
-            .await?
-            .ok_or_else(|| {
-                Error::Unavailable(format!(
+        match self.wait_snapshot_ready(&sref, deadline).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(Error::Unavailable(format!(
                     "temporary snapshot {sref} for the clone disappeared; retry"
-                ))
-            })?;
+                )));
+            }
+            Err(Error::FailedPrecondition(msg)) => {
+                // A failed temporary snapshot would block every retry: remove it.
+                let _ = self.client.snapshot_delete(&sref.region, &sref.uuid).await;
+                return Err(Error::Unavailable(format!(
+                    "{msg}; the temporary snapshot was removed and a retry takes a new one"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
         let vol = if src.region == region {
             self.create_and_wait(
                 name,
@@ -565,6 +627,9 @@ impl Inner {
             return Err(Error::FailedPrecondition(format!(
                 "volume {vref} is attached to VM {vm}; it must be unpublished (detached) before it can be deleted"
             )));
+        }
+        if vol.readiness() == Readiness::Pending {
+            return Err(super::busy(&vref, &vol));
         }
         match self.client.volume_delete(vref.id).await {
             Ok(()) | Err(ApiError::NotFound { .. }) => Ok(DeleteVolumeResponse {}),
@@ -603,6 +668,9 @@ impl Inner {
             return Err(Error::FailedPrecondition(format!(
                 "volume {vref} is published (attached to VM {vm}); Luna Node extends only detached volumes: stop the pod using it so it is detached, and expansion continues (offline expansion)"
             )));
+        }
+        if vol.readiness() == Readiness::Pending {
+            return Err(super::busy(&vref, &vol));
         }
         let vol = self.extend_and_wait(&vref, want_gb, deadline).await?;
         Ok(ControllerExpandVolumeResponse {
@@ -675,12 +743,23 @@ impl Inner {
         if r.volume_capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities is required"));
         }
-        self.volume_or_not_found(&r.volume_id).await?;
+        let (vref, _) = self.volume_or_not_found(&r.volume_id).await?;
+        // The driver's volumes carry no context, and a region parameter must be theirs.
+        let context = (!r.volume_context.is_empty()).then(|| {
+            "volume_context is not one this driver produced (its volumes have none)".to_string()
+        });
+        let region = r
+            .parameters
+            .get("region")
+            .filter(|reg| **reg != vref.region)
+            .map(|reg| format!("the volume is in region {}, not {reg}", vref.region));
         let problems: Vec<String> = r
             .volume_capabilities
             .iter()
             .filter_map(|c| validate::capability(c).err())
             .chain(check_parameters(&r.parameters).err().map(|e| e.to_string()))
+            .chain(context)
+            .chain(region)
             .collect();
         if !problems.is_empty() {
             return Ok(ValidateVolumeCapabilitiesResponse {

@@ -37,6 +37,8 @@ impl Deadline {
         let t = client_timeout.map_or(default, |t| {
             t.saturating_sub((t / 20).min(Duration::from_secs(2)))
         });
+        // Far-future deadlines (a client's "99999999H") are capped rather than overflowing.
+        let t = t.min(Duration::from_secs(86_400 * 365));
         Deadline(Instant::now() + t)
     }
 
