@@ -805,3 +805,276 @@ async fn a_second_call_for_the_same_volume_is_aborted() {
     first.await.unwrap().unwrap();
     assert!(is_mount_point(&staging));
 }
+
+// ---------------------------------------------------------------------------------------
+// Review fixes: each test below fails without its fix.
+// ---------------------------------------------------------------------------------------
+
+fn cap_with(fs: &str, mode: Mode, flags: &[&str]) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn read_head(dev: &Path, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(dev)
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    buf
+}
+
+/// Deterministic noise with no filesystem signature (blkid finds nothing in it).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn ext4_block_count(dev: &Path) -> u64 {
+    let out = run("dumpe2fs", &["-h", dev.to_str().unwrap()]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+// Fix 1: blkid's exit 2 does not prove a disk blank; data in the first MiB is never formatted.
+#[tokio::test]
+async fn data_without_a_signature_is_never_formatted() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(64 * MIB);
+    let bytes = noise(MIB as usize);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.dev)
+            .unwrap();
+        f.write_all(&bytes).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(
+        blkid_type(&d.dev),
+        None,
+        "the noise must carry no signature"
+    );
+    let staging = fx.path("gm");
+    let err = stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("no known signature"),
+        "{}",
+        err.message()
+    );
+    assert!(!is_mount_point(&staging));
+    assert_eq!(read_head(&d.dev, MIB as usize), bytes, "bytes untouched");
+}
+
+// Fix 2: unstage must not unmount the staging mount while publish bind mounts remain.
+#[tokio::test]
+async fn unstage_refuses_while_the_volume_is_still_published() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(64 * MIB);
+    let staging = fx.path("gm");
+    let target = fx.path("pod/mount");
+    stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    publish(&mut c, "v", &d, &staging, &target, mount_cap("ext4"), false)
+        .await
+        .unwrap();
+    let err = unstage(&mut c, "v", &staging).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("unpublish them first")
+            && err.message().contains(target.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
+    assert!(is_mount_point(&staging) && is_mount_point(&target));
+    unpublish(&mut c, "v", &target).await.unwrap();
+    unstage(&mut c, "v", &staging).await.unwrap();
+    assert!(!is_mount_point(&staging));
+}
+
+// Fix 5: read-only staging (access mode or "ro" flag) never writes: no mkfs, no offline grow.
+#[tokio::test]
+async fn read_only_staging_never_writes_to_the_disk() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let blank = fx.disk(64 * MIB);
+    for (i, cap) in [
+        cap_with("ext4", Mode::SingleNodeReaderOnly, &[]),
+        cap_with("ext4", Mode::SingleNodeWriter, &["ro"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let staging = fx.path(&format!("gm-blank-{i}"));
+        let err = stage(&mut c, "vb", &blank, &staging, cap)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("cannot be staged read-only"),
+            "{}",
+            err.message()
+        );
+        assert!(!is_mount_point(&staging));
+        assert_eq!(blkid_type(&blank.dev), None, "not formatted");
+    }
+
+    // An ext4 disk grown offline, staged with the "ro" flag: the growth waits for a
+    // read-write stage.
+    let mut d = fx.disk(64 * MIB);
+    mkfs("ext4", &d.dev);
+    let blocks = ext4_block_count(&d.dev);
+    fx.grow(&mut d, 128 * MIB);
+    let staging = fx.path("gm-ro");
+    stage(
+        &mut c,
+        "vr",
+        &d,
+        &staging,
+        cap_with("ext4", Mode::SingleNodeWriter, &["ro"]),
+    )
+    .await
+    .unwrap();
+    let m = lunanode_csi::volumes::mount::mount_at(&staging)
+        .unwrap()
+        .unwrap();
+    assert!(m.read_only(), "{m:?}");
+    assert_eq!(
+        ext4_block_count(&d.dev),
+        blocks,
+        "not grown while read-only"
+    );
+}
+
+// Fix 6: staged again with an incompatible capability → ALREADY_EXISTS, nothing touched.
+#[tokio::test]
+async fn staging_again_with_an_incompatible_capability_is_already_exists() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(64 * MIB);
+    let staging = fx.path("gm");
+    stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    std::fs::create_dir(staging.join("sub")).unwrap();
+    std::fs::write(staging.join("sub/f"), b"keep").unwrap();
+    let before = lunanode_csi::volumes::mount::mount_at(&staging)
+        .unwrap()
+        .unwrap();
+
+    for cap in [
+        cap_with("ext4", Mode::SingleNodeReaderOnly, &["noatime"]),
+        cap_with("ext4", Mode::SingleNodeWriter, &["ro"]),
+        cap_with("xfs", Mode::SingleNodeWriter, &["noatime"]),
+    ] {
+        let err = stage(&mut c, "v", &d, &staging, cap.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{cap:?}: {err:?}");
+        assert!(
+            err.message().contains("incompatible capability"),
+            "{}",
+            err.message()
+        );
+    }
+    let after = lunanode_csi::volumes::mount::mount_at(&staging)
+        .unwrap()
+        .unwrap();
+    assert_eq!(before, after, "the staging mount is untouched");
+
+    // A staging path holding a bind of a subtree of the disk is not a staged volume.
+    let sub_staging = fx.path("gm-sub");
+    std::fs::create_dir_all(&sub_staging).unwrap();
+    nix::mount::mount(
+        Some(&staging.join("sub")),
+        &sub_staging,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let err = stage(&mut c, "v2", &d, &sub_staging, mount_cap("ext4"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("subtree"), "{}", err.message());
+    assert_eq!(std::fs::read(sub_staging.join("f")).unwrap(), b"keep");
+
+    // The same capability again is still fine.
+    stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(staging.join("sub/f")).unwrap(), b"keep");
+}
+
+// Fix 8: a block target whose device bind mount is gone names no volume.
+#[tokio::test]
+async fn block_target_without_its_device_is_not_found() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(64 * MIB);
+    let staging = fx.path("staging/pv-b");
+    let target = fx.path("pods/uid/volumeDevices/pv-b/dev");
+    stage(&mut c, "vb", &d, &staging, block_cap())
+        .await
+        .unwrap();
+    publish(&mut c, "vb", &d, &staging, &target, block_cap(), false)
+        .await
+        .unwrap();
+    // The bind mount disappears (e.g. a node reboot), kubelet's placeholder file remains.
+    nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+    assert!(target.is_file());
+
+    let err = expand(&mut c, "vb", &target, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: "vb".into(),
+            volume_path: s(&target),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = stats(&mut c, "vb", &target).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}

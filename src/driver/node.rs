@@ -317,6 +317,9 @@ fn stage_mount(
     options: &MountOptions,
     read_only: bool,
 ) -> Result<()> {
+    // Read-only staging must not write to the disk at all: not by formatting it, not by
+    // growing it. Either the access mode or an "ro" mount flag makes it read-only.
+    let ro = read_only || options.flags.contains(MsFlags::MS_RDONLY);
     if let Some(m) = mount::mount_at(staging)? {
         if !m.is_device(dev.rdev) {
             return Err(VolumeError::MountConflict {
@@ -326,13 +329,36 @@ fn stage_mount(
             }
             .into());
         }
-        if m.fs_type != fs_type {
-            return Err(VolumeError::ForeignFilesystem {
-                device: dev.path.clone(),
-                found: m.fs_type,
-                wanted: fs_type.to_string(),
-            }
-            .into());
+        // The same disk staged with another capability is not "already done": the CSI spec
+        // asks for ALREADY_EXISTS, and nothing is touched (no remount, no growth).
+        let incompatible = if m.root != "/" {
+            Some(format!(
+                "it is a bind of the subtree {:?}, not the whole filesystem",
+                m.root
+            ))
+        } else if m.fs_type != fs_type {
+            Some(format!(
+                "it holds {} but {fs_type} was requested",
+                m.fs_type
+            ))
+        } else if m.read_only() != ro {
+            Some(format!(
+                "it is mounted {} but {} was requested",
+                if m.read_only() {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                if ro { "read-only" } else { "read-write" }
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = incompatible {
+            return Err(Error::AlreadyExists(format!(
+                "volume already staged at {} with an incompatible capability: {why}; unstage it first",
+                staging.display()
+            )));
         }
         // Already staged: finish a growth that an earlier attempt may not have completed.
         if !m.read_only() {
@@ -345,7 +371,7 @@ fn stage_mount(
     let fresh = match probe::probe(&dev.path)? {
         Probe::Filesystem(found) if found == fs_type => {
             // An offline expansion: grow ext4 while it is still unmounted.
-            if fs_type == "ext4" && !read_only {
+            if fs_type == "ext4" && !ro {
                 resize::grow_ext4_offline(&dev.path)?;
             }
             false
@@ -372,7 +398,16 @@ fn stage_mount(
             }
             .into());
         }
+        Probe::Blank if ro => {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is blank: an unformatted volume cannot be staged read-only; stage it read-write once to format it",
+                dev.path.display()
+            )));
+        }
         Probe::Blank => {
+            // The probe and its reads took time; udev may have re-pointed the link since
+            // the disk was found. Never format a disk we did not verify.
+            device::still_same(dev)?;
             // mkfs's own exit status is the check; a bad result would fail the mount.
             fs::format(&dev.path, fs_type)?;
             true
@@ -381,7 +416,7 @@ fn stage_mount(
 
     mount::ensure_dir(staging)?;
     let mut opts = options.clone();
-    if read_only {
+    if ro {
         opts.flags.insert(MsFlags::MS_RDONLY);
     }
     // Clones of one xfs volume (from snapshots) share a UUID; let them mount side by side.
@@ -389,7 +424,7 @@ fn stage_mount(
         opts.data.push("nouuid".into());
     }
     mount::mount_fs(&dev.path, staging, fs_type, &opts)?;
-    if !fresh && !opts.flags.contains(MsFlags::MS_RDONLY) {
+    if !fresh && !ro {
         // How an offline expansion reaches the filesystem. On failure the mount stays; a
         // retried stage finds it and tries the growth again.
         resize::grow_if_needed(fs_type, &dev.path, staging)?;
@@ -471,6 +506,32 @@ fn publish_block(cfg: &NodeConfig, disk: &DiskRef, target: &Path, flags: MsFlags
     Ok(())
 }
 
+/// Unmounting the staging mount succeeds even while publish bind mounts of the same
+/// filesystem remain, after which the controller would detach a disk that is still mounted.
+/// So: any other mount of the staged device (major:minor) blocks unstage, nothing unmounted.
+fn refuse_if_still_published(staging: &Path) -> Result<()> {
+    let table = mount::mounts()?;
+    let Some(staged) = mount::find_mount(&table, staging) else {
+        return Ok(());
+    };
+    let others: Vec<String> = table
+        .iter()
+        .filter(|m| {
+            (m.major, m.minor) == (staged.major, staged.minor)
+                && m.mount_point != staged.mount_point
+        })
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "the volume staged at {} is still mounted at {}; unpublish them first",
+        staging.display(),
+        others.join(", ")
+    )))
+}
+
 /// Find the device node behind a mount, by its device number (not by name).
 fn device_of(m: &MountInfo) -> Result<PathBuf> {
     let matches = |p: &Path| {
@@ -525,9 +586,17 @@ fn volume_stats(path: &Path, meta: &std::fs::Metadata) -> NodeGetVolumeStatsResp
         Ok(m) => m,
         Err(e) => return abnormal(format!("cannot read the mount table: {e}")),
     };
-    if mounted.is_none() {
+    let Some(mounted) = mounted else {
         return abnormal(format!(
             "{} is not a mount point: the volume is no longer mounted there",
+            path.display()
+        ));
+    };
+    if mounted.kernel_remounted_read_only() {
+        return abnormal(format!(
+            "the {} filesystem at {} was made read-only by the kernel although it is mounted \
+             read-write (usually after I/O or corruption errors); check the node's kernel log",
+            mounted.fs_type,
             path.display()
         ));
     }
@@ -579,10 +648,23 @@ fn volume_stats(path: &Path, meta: &std::fs::Metadata) -> NodeGetVolumeStatsResp
     }
 }
 
+fn no_block_device(path: &Path) -> Error {
+    Error::NotFound(format!(
+        "no volume is published at {}: it is not a block device bind mount (the device is no longer bound there)",
+        path.display()
+    ))
+}
+
 fn expand(path: &Path, block: bool, required: u64) -> Result<u64> {
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::NotFound(format!("volume path {}: {e}", path.display())))?;
-    let capacity = if block || meta.file_type().is_block_device() {
+    let capacity = if block || !meta.is_dir() {
+        // A block volume is a device node bind-mounted onto a file. Without the mount the
+        // path is only the placeholder file, whose size (0) is no volume's capacity.
+        let bound = meta.file_type().is_block_device() && mount::mount_at(path)?.is_some();
+        if !bound {
+            return Err(no_block_device(path));
+        }
         stats::block_size(path)?
     } else {
         let m = mount::mount_at(path)?.ok_or_else(|| VolumeError::NotMounted {
@@ -675,6 +757,7 @@ impl Node for NodeService {
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let guard = self.lock(&req.volume_id)?;
             blocking(guard, move || {
+                refuse_if_still_published(&staging)?;
                 mount::unmount(&staging)?;
                 // kubelet re-creates the directory before each stage; leave nothing behind.
                 if std::fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir()) {
@@ -779,6 +862,12 @@ impl Node for NodeService {
                             return Ok(abnormal(format!("cannot stat {}: {e}", path.display())));
                         }
                     };
+                    // A block target whose device bind mount is gone is just kubelet's
+                    // placeholder file: no volume there (stats of the file's filesystem
+                    // would describe some other disk).
+                    if meta.is_file() {
+                        return Err(no_block_device(&path));
+                    }
                     Ok(volume_stats(&path, &meta))
                 })
                 .await

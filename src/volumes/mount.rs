@@ -38,6 +38,13 @@ impl MountInfo {
         self.options.split(',').any(|o| o == "ro")
     }
 
+    /// Whether the filesystem itself (the superblock) is read-only while this mount point is
+    /// read-write: what the kernel does after I/O or corruption errors (ext4
+    /// `errors=remount-ro`, xfs shutdown). Writes then fail although the mount says `rw`.
+    pub fn kernel_remounted_read_only(&self) -> bool {
+        !self.read_only() && self.super_options.split(',').any(|o| o == "ro")
+    }
+
     /// Whether the mounted filesystem lives on the device with this device number.
     pub fn is_device(&self, rdev: u64) -> bool {
         (self.major, self.minor) == super::device::major_minor(rdev)
@@ -439,6 +446,25 @@ mod tests {
         assert!(!t[2].is_device(nix::sys::stat::makedev(7, 4)));
         assert_eq!(find_mount(&t, Path::new("/stacked")).unwrap().minor, 5);
         assert!(find_mount(&t, Path::new("/nothing")).is_none());
+    }
+
+    #[test]
+    fn superblock_read_only_under_a_rw_mount_is_noticed() {
+        let t = parse_mountinfo(
+            "\
+50 22 7:3 / /gm rw,relatime shared:30 - ext4 /dev/loop3 ro,errors=remount-ro
+51 22 7:3 / /pub ro,relatime shared:30 - ext4 /dev/loop3 ro,errors=remount-ro
+52 22 7:4 / /ok rw,relatime - ext4 /dev/loop4 rw,errors=remount-ro
+53 22 7:5 / /opt rw,relatime - xfs /dev/loop5 rw,attr2,rotational=0
+",
+        );
+        assert_eq!(t[0].super_options, "ro,errors=remount-ro");
+        assert!(t[0].kernel_remounted_read_only());
+        // Mounted read-only on purpose: nothing wrong.
+        assert!(!t[1].kernel_remounted_read_only());
+        assert!(!t[2].kernel_remounted_read_only());
+        // "ro" must be a whole option, not a prefix of another ("rotational=0").
+        assert!(!t[3].kernel_remounted_read_only());
     }
 
     #[test]

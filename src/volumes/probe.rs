@@ -1,16 +1,22 @@
 //! Is there anything on this device? `blkid -p` (low-level superblock probing, no cache)
 //! answers; a device is "blank" only when blkid positively says nothing was found AND the
-//! device is readable. Any other outcome, including a probe error, is never "blank".
+//! device is readable at both ends AND its first MiB is all zeros. Any other outcome,
+//! including a probe error, is never "blank".
+//!
+//! Why so strict: `blkid -p` exits 2 both for "nothing found" and when a probe hit an I/O
+//! error, and mke2fs skips its own "has a filesystem" question when stdin is not a terminal.
+//! A fresh cloud disk reads as zeros; a disk with data but no signature we know is left alone.
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::{VolumeError, cmd};
 
-/// How many bytes at the start of the device must be readable before it is called blank.
-pub const READ_CHECK_BYTES: usize = 64 * 1024;
+/// How many bytes at the start and at the end of the device must be readable (and, at the
+/// start, zero) before it is called blank.
+pub const READ_CHECK_BYTES: usize = 1 << 20;
 
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,47 +54,78 @@ impl Probe {
     }
 }
 
-/// Interpret a finished `blkid -p -o export` run; `readable` is consulted only when blkid
-/// says it found nothing.
+/// What reading the two ends of the device showed (both reads succeeded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    /// Whether the first [`READ_CHECK_BYTES`] are all zero.
+    pub head_zero: bool,
+}
+
+/// Interpret a finished `blkid -p -o export` run; `read_ends` (read the first and the last
+/// MiB) is consulted only when blkid cleanly says it found nothing.
 pub fn interpret(
     device: &Path,
     out: &cmd::Output,
-    readable: impl FnOnce() -> Result<(), VolumeError>,
+    read_ends: impl FnOnce() -> Result<Ends, VolumeError>,
 ) -> Result<Probe, VolumeError> {
+    let not_blank = |what: String| VolumeError::NotBlank {
+        device: device.to_path_buf(),
+        what,
+    };
     match out.code {
         Some(0) => Ok(Probe::from_export(&out.stdout)),
-        // blkid -p exits 2 when it found nothing at all.
-        Some(2) if out.stdout.trim().is_empty() => {
-            readable()?;
-            Ok(Probe::Blank)
+        // blkid -p exits 2 when it found nothing, but also when a probe failed on an I/O
+        // error (it then says so on stderr). Only a silent exit 2 is a candidate for blank.
+        Some(2) if out.stdout.trim().is_empty() && out.stderr.trim().is_empty() => {
+            // A read error here propagates: an unreadable device is never blank.
+            if read_ends()?.head_zero {
+                Ok(Probe::Blank)
+            } else {
+                Err(not_blank(
+                    "the first MiB holds data but no known signature".into(),
+                ))
+            }
         }
-        Some(2) => Err(VolumeError::NotBlank {
-            device: device.to_path_buf(),
-            what: format!(
-                "blkid exited 2 but printed {:?}",
-                out.stdout.trim().replace('\n', " ")
-            ),
-        }),
+        Some(2) => Err(not_blank(format!(
+            "blkid exited 2 but printed {:?}",
+            format!("{} {}", out.stdout.trim(), out.stderr.trim())
+                .trim()
+                .replace('\n', " ")
+        ))),
         // 4: usage or other error, 8: ambivalent probe result, or a signal.
         _ => Err(out.error("blkid")),
     }
 }
 
-/// Check that the first [`READ_CHECK_BYTES`] of the device can be read.
-pub fn check_readable(device: &Path) -> Result<(), VolumeError> {
+/// Read the first and the last [`READ_CHECK_BYTES`] of the device (a device whose end cannot
+/// be read may hide a signature there, e.g. GPT's backup header or an md superblock), and
+/// report whether the first part is all zeros.
+pub fn read_ends(device: &Path) -> Result<Ends, VolumeError> {
     let mut f = File::open(device)
         .map_err(|e| VolumeError::io(format!("cannot open {} for reading", device.display()), e))?;
     let mut buf = vec![0u8; READ_CHECK_BYTES];
+    let mib = READ_CHECK_BYTES / (1 << 20);
     f.read_exact(&mut buf).map_err(|e| {
         VolumeError::io(
-            format!(
-                "cannot read the first {} KiB of {}",
-                READ_CHECK_BYTES / 1024,
-                device.display()
-            ),
+            format!("cannot read the first {mib} MiB of {}", device.display()),
             e,
         )
-    })
+    })?;
+    let head_zero = buf.iter().all(|&b| b == 0);
+    let tail = (|| {
+        let size = f.seek(SeekFrom::End(0))?;
+        f.seek(SeekFrom::Start(
+            size.saturating_sub(READ_CHECK_BYTES as u64),
+        ))?;
+        f.read_exact(&mut buf)
+    })();
+    tail.map_err(|e| {
+        VolumeError::io(
+            format!("cannot read the last {mib} MiB of {}", device.display()),
+            e,
+        )
+    })?;
+    Ok(Ends { head_zero })
 }
 
 /// Probe a device.
@@ -102,7 +139,7 @@ pub fn probe(device: &Path) -> Result<Probe, VolumeError> {
             device.as_os_str(),
         ],
     )?;
-    interpret(device, &out, || check_readable(device))
+    interpret(device, &out, || read_ends(device))
 }
 
 #[cfg(test)]
@@ -110,15 +147,26 @@ mod tests {
     use super::*;
 
     fn out(code: Option<i32>, stdout: &str) -> cmd::Output {
+        out_err(code, stdout, "")
+    }
+
+    fn out_err(code: Option<i32>, stdout: &str, stderr: &str) -> cmd::Output {
         cmd::Output {
             code,
             stdout: stdout.to_string(),
-            stderr: String::new(),
+            stderr: stderr.to_string(),
         }
     }
 
-    fn ok() -> Result<(), VolumeError> {
-        Ok(())
+    fn ok() -> Result<Ends, VolumeError> {
+        Ok(Ends { head_zero: true })
+    }
+
+    fn eio() -> Result<Ends, VolumeError> {
+        Err(VolumeError::io(
+            "read",
+            std::io::Error::from_raw_os_error(nix::libc::EIO),
+        ))
     }
 
     const DEV: &str = "/dev/vdz";
@@ -144,22 +192,33 @@ mod tests {
 
     #[test]
     fn blank_only_when_nothing_found_and_readable() {
+        // Silent exit 2, both ends readable, first MiB zero: the only way to be blank.
         assert_eq!(
             interpret(Path::new(DEV), &out(Some(2), ""), ok).unwrap(),
             Probe::Blank
         );
-        let unreadable = || {
-            Err(VolumeError::io(
-                "read",
-                std::io::Error::from_raw_os_error(nix::libc::EIO),
-            ))
-        };
-        assert!(interpret(Path::new(DEV), &out(Some(2), ""), unreadable).is_err());
+        // A read error at either end (read_ends fails) is never blank.
+        assert!(interpret(Path::new(DEV), &out(Some(2), ""), eio).is_err());
         // Exit 2 with output is not a clean "nothing found".
         assert!(matches!(
             interpret(Path::new(DEV), &out(Some(2), "TYPE=ext4\n"), ok),
             Err(VolumeError::NotBlank { .. })
         ));
+        // Exit 2 with a complaint on stderr (a probe that hit an I/O error) is not blank,
+        // even when the reads afterwards succeed. The old rule called this blank.
+        let r = interpret(
+            Path::new(DEV),
+            &out_err(Some(2), "", "error: /dev/vdz: Input/output error\n"),
+            ok,
+        );
+        assert!(matches!(r, Err(VolumeError::NotBlank { .. })), "{r:?}");
+        // Nothing found, readable, but data in the first MiB: left alone.
+        let data = || Ok(Ends { head_zero: false });
+        let r = interpret(Path::new(DEV), &out(Some(2), ""), data);
+        assert!(
+            matches!(&r, Err(VolumeError::NotBlank { what, .. }) if what.contains("no known signature")),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -188,9 +247,17 @@ mod tests {
         let img = dir.path().join("zero.img");
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         assert_eq!(probe(&img).unwrap(), Probe::Blank);
-        // Too short to read 64 KiB: blkid finds nothing, but the read check fails.
+        // Too short to read 1 MiB: blkid finds nothing, but the read check fails.
         let short = dir.path().join("short.img");
         std::fs::write(&short, vec![0u8; 1024]).unwrap();
         assert!(probe(&short).is_err());
+        // No signature, but not zeros: not blank.
+        let noise = dir.path().join("noise.img");
+        let bytes: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&noise, bytes).unwrap();
+        let r = probe(&noise);
+        assert!(!matches!(r, Ok(Probe::Blank)), "{r:?}");
     }
 }
