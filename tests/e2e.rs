@@ -8,8 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::*;
@@ -17,7 +15,6 @@ use lunanode_csi::csi::controller_client::ControllerClient;
 use lunanode_csi::csi::node_client::NodeClient;
 use lunanode_csi::csi::*;
 use lunanode_csi::driver::NodeConfig;
-use lunanode_csi::server::{self, Endpoint};
 use lunanode_csi::sim::{Backing, SimHandle, VmSpec};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -190,30 +187,12 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
         device_wait: Duration::from_secs(10),
         ..NodeConfig::new(vm.id.clone())
     };
-    let router = lunanode_csi::cli::csi_router(
+    let mut served = Served::start(
+        root.join("csi/csi.sock"),
         Some((client_for(&sim), controller_config())),
         Some(node_cfg),
-        Arc::new(AtomicBool::new(true)),
-        None,
-    )
-    .unwrap();
-    let socket = root.join("csi/csi.sock");
-    let endpoint: Endpoint = s(&socket).parse().unwrap();
-    let listener = endpoint.bind().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        server::serve(
-            router,
-            &endpoint,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    });
+    );
+    let socket = served.socket.clone();
     let ch = channel(&socket).await;
     let mut st = Stack {
         ctrl: ControllerClient::new(ch.clone()),
@@ -285,8 +264,7 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
         .expect("DeleteVolume");
     let left = sim.state();
     assert!(left.volumes.is_empty() && left.snapshots.is_empty() && left.images.is_empty());
-    let _ = stop.send(());
-    server.await.unwrap();
+    served.stop().await;
     let sim_dir = sim.state_dir().to_path_buf();
     sim.shutdown().await;
     let losetup = std::process::Command::new("losetup")

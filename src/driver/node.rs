@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use super::error::{Error, Result};
 use super::inflight::{Guard, InFlight};
 use super::observe::{Ids, Observer, rpc_with};
+use super::validate::required;
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc::Type as RpcType};
 use crate::csi::volume_capability::{AccessType, access_mode::Mode};
@@ -133,17 +134,9 @@ impl NodeService {
 // Request validation
 // ---------------------------------------------------------------------------------------
 
-fn require<'a>(field: &str, value: &'a str) -> Result<&'a str> {
-    if value.is_empty() {
-        Err(Error::invalid(format!("{field} is required")))
-    } else {
-        Ok(value)
-    }
-}
-
 /// A required path: absolute, no `..` components, no NUL.
 pub fn check_path(field: &str, value: &str) -> Result<PathBuf> {
-    require(field, value)?;
+    required(field, value)?;
     let p = Path::new(value);
     if !p.is_absolute() {
         return Err(Error::invalid(format!(
@@ -163,7 +156,7 @@ pub fn check_path(field: &str, value: &str) -> Result<PathBuf> {
 /// NOT_FOUND, as the spec's "volume does not exist on the specified path". A relative path
 /// is never resolved against the driver's working directory.
 fn published_path(field: &str, value: &str) -> Result<PathBuf> {
-    require(field, value)?;
+    required(field, value)?;
     let p = Path::new(value);
     if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || value.contains('\0')
     {
@@ -725,7 +718,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         rpc_with(&self.obs, "NodeStageVolume", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
+            required("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
             let disk = disk_ref(&req.publish_context)?;
@@ -753,7 +746,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         rpc_with(&self.obs, "NodeUnstageVolume", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
+            required("volume_id", &req.volume_id)?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
             let guard = self.lock(&req.volume_id)?;
             blocking(guard, move || {
@@ -777,7 +770,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         rpc_with(&self.obs, "NodePublishVolume", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
+            required("volume_id", &req.volume_id)?;
             let target = check_path("target_path", &req.target_path)?;
             let cap = check_capability(req.volume_capability.as_ref())?;
             let staging = check_path("staging_target_path", &req.staging_target_path)?;
@@ -821,7 +814,7 @@ impl Node for NodeService {
             "NodeUnpublishVolume",
             ids(&req.volume_id),
             async {
-                require("volume_id", &req.volume_id)?;
+                required("volume_id", &req.volume_id)?;
                 let target = check_path("target_path", &req.target_path)?;
                 let guard = self.lock(&req.volume_id)?;
                 blocking(guard, move || {
@@ -846,7 +839,7 @@ impl Node for NodeService {
             "NodeGetVolumeStats",
             ids(&req.volume_id),
             async {
-                require("volume_id", &req.volume_id)?;
+                required("volume_id", &req.volume_id)?;
                 let path = published_path("volume_path", &req.volume_path)?;
                 // Stats are read-only: no in-flight guard, so they never block a stage.
                 tokio::task::spawn_blocking(move || {
@@ -883,7 +876,7 @@ impl Node for NodeService {
     ) -> std::result::Result<Response<NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         rpc_with(&self.obs, "NodeExpandVolume", ids(&req.volume_id), async {
-            require("volume_id", &req.volume_id)?;
+            required("volume_id", &req.volume_id)?;
             let path = published_path("volume_path", &req.volume_path)?;
             let block = match req.volume_capability.as_ref() {
                 Some(cap) => check_capability(Some(cap))?.access == Access::Block,

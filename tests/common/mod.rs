@@ -13,7 +13,7 @@ use lunanode_csi::csi::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
 use lunanode_csi::csi::*;
-use lunanode_csi::driver::{ControllerConfig, ControllerService, IdentityService};
+use lunanode_csi::driver::{ControllerConfig, NodeConfig};
 use lunanode_csi::lunanode::{Client, ClientConfig, Credentials};
 use lunanode_csi::server::{self, Endpoint};
 use lunanode_csi::sim::{Backing, SimConfig, SimHandle, VmSpec};
@@ -88,41 +88,24 @@ pub fn controller_config() -> ControllerConfig {
     cfg
 }
 
-/// A simulator plus the driver's Identity and Controller services on a unix socket.
-pub struct Harness {
-    pub dir: tempfile::TempDir,
-    pub sim: Option<SimHandle>,
+/// The driver's services, built exactly as `serve` builds them (`cli::csi_router`), served
+/// on a unix socket in this process.
+pub struct Served {
     pub socket: PathBuf,
-    pub client: Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Harness {
-    pub async fn start() -> Self {
-        Self::start_with(|_| {}, controller_config()).await
-    }
-
-    pub async fn start_with(tweak: impl FnOnce(&mut SimConfig), ccfg: ControllerConfig) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut scfg = sim_config(dir.path());
-        std::fs::create_dir_all(&scfg.state_dir).unwrap();
-        tweak(&mut scfg);
-        let sim = SimHandle::start(scfg).await.expect("simulator starts");
-        let client = client_for(&sim);
-        let socket = dir.path().join("csi/csi.sock");
+impl Served {
+    pub fn start(
+        socket: PathBuf,
+        controller: Option<(Client, ControllerConfig)>,
+        node: Option<NodeConfig>,
+    ) -> Served {
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let router = lunanode_csi::cli::csi_router(controller, node, ready, None).unwrap();
         let endpoint: Endpoint = socket.to_str().unwrap().parse().unwrap();
         let listener = endpoint.bind().unwrap();
-        let identity = IdentityService::new(
-            true,
-            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        );
-        let controller = ControllerService::new(client.clone(), ccfg);
-        let router = tonic::transport::Server::builder()
-            .add_service(identity_server_new(identity))
-            .add_service(lunanode_csi::csi::controller_server::ControllerServer::new(
-                controller,
-            ));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             server::serve(
@@ -137,13 +120,56 @@ impl Harness {
             .await
             .unwrap();
         });
-        Harness {
-            dir,
-            sim: Some(sim),
+        Served {
             socket,
-            client,
             stop: Some(tx),
             server: Some(server),
+        }
+    }
+
+    /// Stop serving and wait for the server to finish.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            s.await.unwrap();
+        }
+    }
+}
+
+/// A simulator plus the driver's Identity and Controller services on a unix socket.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub sim: Option<SimHandle>,
+    pub socket: PathBuf,
+    pub client: Client,
+    served: Served,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, controller_config()).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut SimConfig), ccfg: ControllerConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut scfg = sim_config(dir.path());
+        std::fs::create_dir_all(&scfg.state_dir).unwrap();
+        tweak(&mut scfg);
+        let sim = SimHandle::start(scfg).await.expect("simulator starts");
+        let client = client_for(&sim);
+        let served = Served::start(
+            dir.path().join("csi/csi.sock"),
+            Some((client.clone(), ccfg)),
+            None,
+        );
+        Harness {
+            socket: served.socket.clone(),
+            dir,
+            sim: Some(sim),
+            client,
+            served,
         }
     }
 
@@ -174,22 +200,11 @@ impl Harness {
     }
 
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(s) = self.server.take() {
-            let _ = s.await;
-        }
+        self.served.stop().await;
         if let Some(sim) = self.sim.take() {
             sim.shutdown().await;
         }
     }
-}
-
-fn identity_server_new(
-    i: IdentityService,
-) -> lunanode_csi::csi::identity_server::IdentityServer<IdentityService> {
-    lunanode_csi::csi::identity_server::IdentityServer::new(i)
 }
 
 pub fn mount_cap(fs: &str) -> VolumeCapability {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lunanode_csi::csi::controller_client::ControllerClient;
@@ -16,11 +16,8 @@ use lunanode_csi::csi::volume_capability::{
     AccessMode, AccessType, MountVolume, access_mode::Mode,
 };
 use lunanode_csi::csi::*;
-use lunanode_csi::driver::{
-    ControllerConfig, ControllerService, IdentityService, NodeConfig, NodeService,
-};
+use lunanode_csi::driver::{ControllerConfig, NodeConfig};
 use lunanode_csi::lunanode::Client;
-use lunanode_csi::server::{self, Endpoint};
 use lunanode_csi::sim::{SimHandle, SimState};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -122,8 +119,7 @@ pub fn req<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 /// this process, talking to `sim`.
 pub struct Driver {
     pub socket: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    served: crate::common::Served,
 }
 
 impl Driver {
@@ -133,39 +129,11 @@ impl Driver {
         ccfg: ControllerConfig,
         node: Option<NodeConfig>,
     ) -> Driver {
-        let socket = dir.join("csi/csi.sock");
-        let endpoint: Endpoint = socket.to_str().unwrap().parse().unwrap();
-        let listener = endpoint.bind().unwrap();
-        let identity = IdentityService::new(true, std::sync::Arc::new(AtomicBool::new(true)));
-        let node = node.map(|cfg| {
-            lunanode_csi::csi::node_server::NodeServer::new(NodeService::new(cfg).unwrap())
-        });
-        let router = tonic::transport::Server::builder()
-            .add_service(lunanode_csi::csi::identity_server::IdentityServer::new(
-                identity,
-            ))
-            .add_service(lunanode_csi::csi::controller_server::ControllerServer::new(
-                ControllerService::new(client, ccfg),
-            ))
-            .add_optional_service(node);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            server::serve(
-                router,
-                &endpoint,
-                listener,
-                async {
-                    let _ = rx.await;
-                },
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        });
+        let served =
+            crate::common::Served::start(dir.join("csi/csi.sock"), Some((client, ccfg)), node);
         Driver {
-            socket,
-            stop: Some(tx),
-            server: Some(server),
+            socket: served.socket.clone(),
+            served,
         }
     }
 
@@ -178,12 +146,7 @@ impl Driver {
     }
 
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(s) = self.server.take() {
-            let _ = s.await;
-        }
+        self.served.stop().await;
     }
 }
 
