@@ -47,16 +47,6 @@ impl InFlight {
         })
     }
 
-    /// How many operations are in flight.
-    pub fn len(&self) -> usize {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether nothing is in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Whether `key` is held right now.
     pub fn is_locked(&self, key: &str) -> bool {
         self.keys

@@ -106,11 +106,6 @@ impl ControllerService {
         self.obs = Observer::with_metrics(metrics);
         self
     }
-
-    /// Operations currently running (for metrics and graceful shutdown).
-    pub fn in_flight(&self) -> usize {
-        self.inner.inflight.len()
-    }
 }
 
 impl Inner {
