@@ -164,20 +164,66 @@ fn diff(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeM
         .collect()
 }
 
+/// Samples a process's resident memory every 2 ms on its own thread and keeps the highest
+/// private (anonymous) and file-backed parts, which `VmHWM` (the kernel's peak) does not split.
+struct MemSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64, usize)>,
+}
+
+impl MemSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut anon, mut file, mut fds) = (0, 0, 0);
+            while !flag.load(Ordering::Relaxed) {
+                anon = anon.max(rss_kib(pid, "RssAnon").unwrap_or(0));
+                file = file.max(rss_kib(pid, "RssFile").unwrap_or(0));
+                let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+                fds = fds.max(open);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (anon, file, fds)
+        });
+        MemSampler { stop, thread }
+    }
+
+    /// The highest private and file-backed resident KiB, and open file descriptors, seen.
+    fn finish(self) -> (u64, u64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 // ---- the processes -------------------------------------------------------------------
 
-async fn start_sim(latency: Duration, backing: Backing) -> SimHandle {
+/// The simulator allows 15 volumes per VM (as the cloud does), so concurrent lifecycles are
+/// spread over enough VMs that no worker is refused an attachment.
+const VOLUMES_PER_VM: usize = 15;
+
+fn vms_for(concurrency: usize) -> usize {
+    concurrency.div_ceil(VOLUMES_PER_VM).max(1)
+}
+
+async fn start_sim(latency: Duration, backing: Backing, vms: usize) -> SimHandle {
     SimHandle::start(SimConfig {
         backing,
         latency,
-        vms: vec![VmSpec {
-            region: "toronto".into(),
-            name: Some("bench-node".into()),
-        }],
+        vms: (0..vms)
+            .map(|i| VmSpec {
+                region: "toronto".into(),
+                name: Some(format!("bench-node-{i}")),
+            })
+            .collect(),
         ..SimConfig::default()
     })
     .await
     .expect("simulator starts")
+}
+
+fn vm_ids(sim: &SimHandle) -> Vec<String> {
+    sim.vms.iter().map(|vm| vm.id.clone()).collect()
 }
 
 /// The driver process and its gRPC channel.
@@ -456,10 +502,11 @@ impl Lifecycle {
     }
 }
 
-/// `n` lifecycles by `concurrency` workers; returns the samples and the wall time.
+/// `n` lifecycles by `concurrency` workers, worker `w` publishing to `node_ids[w % len]`;
+/// returns the samples and the wall time.
 async fn run_lifecycles(
     driver: &Driver,
-    node_id: &str,
+    node_ids: &[String],
     prefix: &str,
     n: usize,
     concurrency: usize,
@@ -468,11 +515,11 @@ async fn run_lifecycles(
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..concurrency.min(n).max(1) {
+    for w in 0..concurrency.min(n).max(1) {
         let next = next.clone();
         let mut lc = Lifecycle {
             ctl: ControllerClient::new(driver.channel.clone()),
-            node_id: node_id.to_string(),
+            node_id: node_ids[w % node_ids.len()].clone(),
             snapshots,
         };
         let prefix = prefix.to_string();
@@ -598,7 +645,7 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
 async fn phase_throughput(args: &Args, sim: &SimHandle, driver: &Driver, run: usize) -> Value {
     let (samples, wall) = run_lifecycles(
         driver,
-        &sim.vms[0].id,
+        &vm_ids(sim),
         &format!("tp-{run}"),
         args.lifecycles,
         args.concurrency,
@@ -706,7 +753,12 @@ async fn phase_scale(args: &Args, sim: &SimHandle, driver: &Driver, run: usize) 
 
 /// The target: many lifecycles at high concurrency under the client rate limit.
 async fn phase_target(args: &Args) -> Value {
-    let sim = start_sim(Duration::from_millis(args.latency_ms), Backing::Memory).await;
+    let sim = start_sim(
+        Duration::from_millis(args.latency_ms),
+        Backing::Memory,
+        vms_for(args.target_concurrency),
+    )
+    .await;
     let burst = args.burst;
     let driver = Driver::start(
         &sim,
@@ -718,7 +770,7 @@ async fn phase_target(args: &Args) -> Value {
     sim.reset_counters();
     let (samples, wall) = run_lifecycles(
         &driver,
-        &sim.vms[0].id,
+        &vm_ids(&sim),
         "target",
         args.target_lifecycles,
         args.target_concurrency,
@@ -800,7 +852,7 @@ async fn phase_stage(args: &Args) -> Value {
     if !is_root_with_loop() {
         return json!({"skipped": "needs root, /dev/loop-control and losetup"});
     }
-    let sim = start_sim(Duration::ZERO, Backing::Loop).await;
+    let sim = start_sim(Duration::ZERO, Backing::Loop, 1).await;
     let vm = sim.vms[0].clone();
     let driver = Driver::start(
         &sim,
@@ -1004,11 +1056,15 @@ fn print_report(r: &Value) {
     }
     if let Some(m) = r.get("memory").filter(|v| !v.is_null()) {
         println!(
-            "\nDriver memory (controller): idle {} MiB ({} MiB private, {} MiB mapped files), peak {} MiB",
+            "\nDriver memory (controller): idle {} MiB ({} MiB private, {} MiB mapped files), peak {} MiB (highest private {} MiB, highest mapped files {} MiB), {} MiB after the phases, at most {} open fds",
             f(get(m, "idle_kib") / 1024.0),
             f(get(m, "idle_anon_kib") / 1024.0),
             f(get(m, "idle_file_kib") / 1024.0),
-            f(get(m, "peak_kib") / 1024.0)
+            f(get(m, "peak_kib") / 1024.0),
+            f(get(m, "peak_anon_kib") / 1024.0),
+            f(get(m, "peak_file_kib") / 1024.0),
+            f(get(m, "after_kib") / 1024.0),
+            get(m, "peak_open_fds")
         );
     }
     if let Some(t) = r.get("target").filter(|v| !v.is_null()) {
@@ -1073,7 +1129,7 @@ async fn bench(args: Args) -> Value {
     let latency = Duration::from_millis(args.latency_ms);
     for run in 0..args.runs {
         eprintln!("run {}/{}", run + 1, args.runs);
-        let sim = start_sim(latency, Backing::Memory).await;
+        let sim = start_sim(latency, Backing::Memory, vms_for(args.concurrency)).await;
         let driver =
             Driver::start(&sim, "controller", &controller_flags(args.qps, args.burst)).await;
         // Idle: started, answered a Probe, nothing else.
@@ -1082,6 +1138,7 @@ async fn bench(args: Args) -> Value {
         // Private memory vs. the binary's and libc's pages mapped from the page cache.
         let idle_anon = rss_kib(driver.pid(), "RssAnon").unwrap_or(0);
         let idle_file = rss_kib(driver.pid(), "RssFile").unwrap_or(0);
+        let sampler = MemSampler::start(driver.pid());
         if args.runs("serial") {
             serial.push(phase_serial(&args, &sim, &driver, run).await);
         }
@@ -1091,11 +1148,16 @@ async fn bench(args: Args) -> Value {
         if args.runs("scale") {
             scale.push(phase_scale(&args, &sim, &driver, run).await);
         }
+        let (peak_anon, peak_file, peak_fds) = sampler.finish();
         memory.push(json!({
             "idle_kib": idle,
             "idle_anon_kib": idle_anon,
             "idle_file_kib": idle_file,
             "peak_kib": driver.peak_kib(),
+            "peak_anon_kib": peak_anon,
+            "peak_file_kib": peak_file,
+            "after_kib": driver.rss_kib(),
+            "peak_open_fds": peak_fds,
         }));
         driver.stop().await;
         sim.shutdown().await;

@@ -133,6 +133,10 @@ pub struct ApiArgs {
     /// Requests allowed in a burst above the rate limit.
     #[arg(long, env = "LUNANODE_API_BURST", default_value_t = 20)]
     pub burst: u32,
+    /// API requests on the wire at once (0 = no bound); bounds connections and memory when
+    /// many RPCs arrive together.
+    #[arg(long, env = "LUNANODE_API_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub api_max_in_flight: usize,
     /// Timeout of one API request, in seconds.
     #[arg(long, env = "LUNANODE_API_TIMEOUT_SECS", default_value_t = 30)]
     pub api_timeout_secs: u64,
@@ -160,6 +164,7 @@ impl ApiArgs {
         let mut cfg = ClientConfig::new(url, creds);
         cfg.qps = self.qps.unwrap_or(default_qps);
         cfg.burst = self.burst;
+        cfg.max_in_flight = self.api_max_in_flight;
         cfg.request_timeout = Duration::from_secs(self.api_timeout_secs.max(1));
         Client::new(cfg).map_err(|e| CliError::Config(e.to_string()))
     }

@@ -1,6 +1,7 @@
 //! The Luna Node client against the simulator over real HTTP: retries recover from
 //! transient faults and give up after their bound, creates are never repeated, the rate
-//! limiter holds its rate, and a wrong key is refused.
+//! limiter holds its rate, requests on the wire stay within their bound, and a wrong key is
+//! refused.
 
 mod common;
 
@@ -100,6 +101,30 @@ async fn the_rate_limiter_holds_its_rate() {
         "{:?}",
         start.elapsed()
     );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_on_the_wire_stay_within_the_bound() {
+    let (_d, sim) = sim().await;
+    // Long enough that 40 concurrent calls would overlap if nothing held them back.
+    sim.set_latency(Duration::from_millis(20));
+    let bounded = client(&sim, |c| c.max_in_flight = 3);
+    let calls: Vec<_> = (0..40).map(|_| bounded.volume_list(None)).collect();
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert_eq!(sim.calls().get("volume/list"), Some(&40));
+    assert_eq!(sim.max_in_flight(), 3);
+
+    // The same burst without a bound does overlap, so the check above is not vacuous.
+    sim.reset_counters();
+    let unbounded = client(&sim, |c| c.max_in_flight = 0);
+    let calls: Vec<_> = (0..40).map(|_| unbounded.volume_list(None)).collect();
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert!(sim.max_in_flight() > 3, "{}", sim.max_in_flight());
     sim.shutdown().await;
 }
 

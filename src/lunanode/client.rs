@@ -31,6 +31,10 @@ pub struct ClientConfig {
     /// Client-side rate limit shared by all callers; `<= 0` disables it.
     pub qps: f64,
     pub burst: u32,
+    /// Requests on the wire at once, shared by all callers; 0 = no bound. Each one holds an
+    /// HTTP connection and its buffers, so this bounds the driver's memory under a burst of
+    /// RPCs as well as the load it puts on the cloud.
+    pub max_in_flight: usize,
     /// Retries after the first attempt, for actions safe to repeat.
     pub max_retries: u32,
     pub initial_backoff: Duration,
@@ -47,6 +51,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             qps: 10.0,
             burst: 20,
+            max_in_flight: 16,
             max_retries: 4,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
@@ -80,6 +85,8 @@ struct Inner {
     cfg: ClientConfig,
     last_nonce: AtomicU64,
     limiter: RateLimiter,
+    /// `None` when `max_in_flight` is 0.
+    in_flight: Option<tokio::sync::Semaphore>,
     stats: ClientStats,
     /// The next `volume/list` that has not been sent yet, which callers can join.
     pending_list: Mutex<Option<SharedList>>,
@@ -123,6 +130,8 @@ impl Client {
             inner: Arc::new(Inner {
                 http,
                 limiter: RateLimiter::new(cfg.qps, cfg.burst),
+                in_flight: (cfg.max_in_flight > 0)
+                    .then(|| tokio::sync::Semaphore::new(cfg.max_in_flight)),
                 cfg,
                 last_nonce: AtomicU64::new(0),
                 stats: ClientStats::default(),
@@ -166,7 +175,12 @@ impl Client {
         params: &BTreeMap<&str, String>,
     ) -> Result<Value, ApiError> {
         let inner = &self.inner;
-        // Wait for the rate limit first, so nonces are taken in the order requests leave.
+        // A slot on the wire first: a rate-limit token taken before it would be wasted waiting.
+        let _slot = match &inner.in_flight {
+            Some(s) => Some(s.acquire().await.expect("the semaphore is never closed")),
+            None => None,
+        };
+        // Then the rate limit, so nonces are taken in the order requests leave.
         inner.limiter.acquire().await;
         let creds = &inner.cfg.credentials;
         let mut req: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -69,12 +69,34 @@ async fn api(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
+    let _answering = InFlight::enter(&inner);
     let reply = serve_api(inner.clone(), category, action, body).await;
     let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     inner
         .api_nanos
         .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
     reply
+}
+
+/// Counts a request as being answered until dropped (also when the caller hangs up and the
+/// request future is dropped mid-way).
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = inner.in_flight.fetch_add(1, Relaxed) + 1;
+        inner.max_in_flight.fetch_max(now, Relaxed);
+        InFlight(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn serve_api(inner: Arc<Inner>, category: String, action: String, body: Bytes) -> Response {

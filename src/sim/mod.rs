@@ -223,6 +223,9 @@ pub(crate) struct Inner {
     pub(crate) latency: Mutex<Duration>,
     /// Total time spent answering API requests, in nanoseconds.
     pub(crate) api_nanos: std::sync::atomic::AtomicU64,
+    /// API requests being answered now, and the most seen at once.
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
+    pub(crate) max_in_flight: std::sync::atomic::AtomicUsize,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -403,6 +406,8 @@ impl SimHandle {
             calls: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(cfg.latency),
             api_nanos: std::sync::atomic::AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            max_in_flight: std::sync::atomic::AtomicUsize::new(0),
             shutdown: stop_rx.clone(),
         });
         let app = http::router(inner.clone());
@@ -473,12 +478,24 @@ impl SimHandle {
         self.inner.snapshot_state()
     }
 
-    /// Zero the per-action request counters (and the time spent answering).
+    /// Zero the per-action request counters (and the time spent answering, and the most
+    /// requests seen at once).
     pub fn reset_counters(&self) {
         lock(&self.inner.calls).clear();
         self.inner
             .api_nanos
             .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .max_in_flight
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most API requests the simulator was answering at the same time since the start
+    /// or the last [`SimHandle::reset_counters`].
+    pub fn max_in_flight(&self) -> usize {
+        self.inner
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Total time spent answering API requests (latency included) since the start or the
