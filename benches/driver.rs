@@ -28,6 +28,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
 
+/// The driver binary to measure: the one cargo built, or `LUNANODE_CSI_BENCH_BIN` (e.g. a
+/// statically linked build, or one from another commit, to compare against).
+fn driver_bin() -> String {
+    std::env::var("LUNANODE_CSI_BENCH_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(about = "Benchmark the lunanode-csi driver against the simulator")]
 struct Args {
@@ -252,7 +258,7 @@ impl Driver {
     async fn start(sim: &SimHandle, mode: &str, extra: &[String]) -> Driver {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("csi.sock");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(driver_bin());
         cmd.args([
             "serve",
             "--mode",
@@ -1175,6 +1181,7 @@ async fn bench(args: Args) -> Value {
     json!({
         "machine": machine(),
         "config": {
+            "driver_bin": driver_bin(),
             "runs": args.runs,
             "latency_ms": args.latency_ms,
             "qps": args.qps,
