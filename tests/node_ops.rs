@@ -277,3 +277,50 @@ fn ext4_grows_offline_before_mounting() {
     mount::mount_fs(&d.dev, &dir, "ext4", &MountOptions::default()).unwrap();
     assert_eq!(std::fs::read(dir.join("keep")).unwrap(), b"data");
 }
+
+/// Write `bytes` at `offset` of a device through the page cache; `sync` flushes them to the
+/// device, without it they are only dirty pages (which a direct read must still see).
+fn write_at(dev: &std::path::Path, offset: u64, bytes: &[u8], sync: bool) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    if sync {
+        f.sync_all().unwrap();
+    }
+}
+
+fn not_blank_no_signature(r: Result<Probe, VolumeError>) -> bool {
+    matches!(&r, Err(VolumeError::NotBlank { what, .. }) if what.contains("no known signature"))
+}
+
+#[test]
+fn one_byte_anywhere_in_the_first_mib_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    for (offset, sync) in [
+        (0, true),
+        (4095, true),
+        (512 * 1024 + 3, true),
+        (MIB - 1, true),
+        // Only in the page cache, not yet on the device: seen all the same.
+        (MIB - 1, false),
+        (77_777, false),
+    ] {
+        let d = fx.disk(64 * MIB);
+        assert_eq!(probe::probe(&d.dev).unwrap(), Probe::Blank);
+        write_at(&d.dev, offset, &[0x01], sync);
+        assert_eq!(blkid_type(&d.dev), None, "no signature in one byte");
+        let r = probe::probe(&d.dev);
+        let shown = format!("{r:?}");
+        assert!(
+            not_blank_no_signature(r),
+            "byte at {offset} (synced {sync}): {shown}"
+        );
+        assert_eq!(
+            probe::read_ends(&d.dev).unwrap(),
+            probe::Ends { head_zero: false }
+        );
+    }
+}

@@ -97,6 +97,16 @@ pub fn interpret(
     }
 }
 
+/// Whether every byte is zero. Folds 64 bytes at a time, which the compiler turns into
+/// vector instructions (a byte-at-a-time `all` is some 20 times slower on a MiB).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Read the first and the last [`READ_CHECK_BYTES`] of the device (a device whose end cannot
 /// be read may hide a signature there, e.g. GPT's backup header or an md superblock), and
 /// report whether the first part is all zeros.
@@ -111,7 +121,7 @@ pub fn read_ends(device: &Path) -> Result<Ends, VolumeError> {
             e,
         )
     })?;
-    let head_zero = buf.iter().all(|&b| b == 0);
+    let head_zero = is_zero(&buf);
     let tail = (|| {
         let size = f.seek(SeekFrom::End(0))?;
         f.seek(SeekFrom::Start(
@@ -219,6 +229,25 @@ mod tests {
             matches!(&r, Err(VolumeError::NotBlank { what, .. }) if what.contains("no known signature")),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn zero_check_sees_every_byte() {
+        assert!(is_zero(&[]));
+        for len in [1usize, 63, 64, 65, 1000, 4096, 4097, READ_CHECK_BYTES] {
+            let mut buf = vec![0u8; len];
+            assert!(is_zero(&buf), "{len}");
+            let mut positions = vec![0, len / 2, len - 1];
+            // In the tail that does not fill a 64-byte chunk, and at chunk edges.
+            positions.extend([63, 64, len - len % 64].into_iter().filter(|&p| p < len));
+            for p in positions {
+                for byte in [1u8, 0x80, 0xff] {
+                    buf[p] = byte;
+                    assert!(!is_zero(&buf), "len {len}, byte {byte:#x} at {p}");
+                    buf[p] = 0;
+                }
+            }
+        }
     }
 
     #[test]
