@@ -6,10 +6,14 @@
 //! Why so strict: `blkid -p` exits 2 both for "nothing found" and when a probe hit an I/O
 //! error, and mke2fs skips its own "has a filesystem" question when stdin is not a terminal.
 //! A fresh cloud disk reads as zeros; a disk with data but no signature we know is left alone.
+//!
+//! The blkid run and the reads of the two ends happen at the same time, so a probe costs
+//! about the slower of the two rather than their sum; both must finish, and both must say
+//! "nothing here", for the device to be blank.
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::{VolumeError, cmd};
@@ -61,12 +65,13 @@ pub struct Ends {
     pub head_zero: bool,
 }
 
-/// Interpret a finished `blkid -p -o export` run; `read_ends` (read the first and the last
-/// MiB) is consulted only when blkid cleanly says it found nothing.
+/// Interpret a finished `blkid -p -o export` run together with the result of [`read_ends`]
+/// (read the first and the last MiB). The reads matter only when blkid cleanly says it found
+/// nothing; then a failed read, or data in the first MiB, means "not blank".
 pub fn interpret(
     device: &Path,
     out: &cmd::Output,
-    read_ends: impl FnOnce() -> Result<Ends, VolumeError>,
+    ends: Result<Ends, VolumeError>,
 ) -> Result<Probe, VolumeError> {
     let not_blank = |what: String| VolumeError::NotBlank {
         device: device.to_path_buf(),
@@ -78,7 +83,7 @@ pub fn interpret(
         // error (it then says so on stderr). Only a silent exit 2 is a candidate for blank.
         Some(2) if out.stdout.trim().is_empty() && out.stderr.trim().is_empty() => {
             // A read error here propagates: an unreadable device is never blank.
-            if read_ends()?.head_zero {
+            if ends?.head_zero {
                 Ok(Probe::Blank)
             } else {
                 Err(not_blank(
@@ -105,6 +110,33 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .by_ref()
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
         && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Run `a` on a thread of its own while `b` runs on this one, and wait for both. A panic in
+/// `a`, or a thread that cannot be started, makes `a`'s result an error.
+fn both<A: Send, B>(
+    a: impl FnOnce() -> Result<A, VolumeError> + Send,
+    b: impl FnOnce() -> B,
+) -> (Result<A, VolumeError>, B) {
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("probe".into())
+            .spawn_scoped(s, a);
+        let rb = b();
+        let ra = match handle {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                Err(VolumeError::io(
+                    "cannot probe the device",
+                    io::Error::other("a probe thread panicked"),
+                ))
+            }),
+            Err(e) => Err(VolumeError::io(
+                "cannot start a thread to probe the device",
+                e,
+            )),
+        };
+        (ra, rb)
+    })
 }
 
 /// Read the first and the last [`READ_CHECK_BYTES`] of the device (a device whose end cannot
@@ -138,9 +170,9 @@ pub fn read_ends(device: &Path) -> Result<Ends, VolumeError> {
     Ok(Ends { head_zero })
 }
 
-/// Probe a device.
-pub fn probe(device: &Path) -> Result<Probe, VolumeError> {
-    let out = cmd::run(
+/// `blkid -p -o export <device>`.
+fn blkid(device: &Path) -> Result<cmd::Output, VolumeError> {
+    cmd::run(
         "blkid",
         [
             OsStr::new("-p"),
@@ -148,8 +180,13 @@ pub fn probe(device: &Path) -> Result<Probe, VolumeError> {
             OsStr::new("export"),
             device.as_os_str(),
         ],
-    )?;
-    interpret(device, &out, || read_ends(device))
+    )
+}
+
+/// Probe a device: blkid and [`read_ends`] at the same time, then [`interpret`] both.
+pub fn probe(device: &Path) -> Result<Probe, VolumeError> {
+    let (ends, out) = both(|| read_ends(device), || blkid(device));
+    interpret(device, &out?, ends)
 }
 
 #[cfg(test)]
@@ -185,17 +222,17 @@ mod tests {
     fn filesystem_and_partition_table() {
         let fs = "DEVNAME=/dev/vdz\nUUID=1234\nVERSION=1.0\nTYPE=ext4\nUSAGE=filesystem\n";
         assert_eq!(
-            interpret(Path::new(DEV), &out(Some(0), fs), ok).unwrap(),
+            interpret(Path::new(DEV), &out(Some(0), fs), ok()).unwrap(),
             Probe::Filesystem("ext4".into())
         );
         let pt = "DEVNAME=/dev/vdz\nPTUUID=abcd\nPTTYPE=gpt\n";
         assert_eq!(
-            interpret(Path::new(DEV), &out(Some(0), pt), ok).unwrap(),
+            interpret(Path::new(DEV), &out(Some(0), pt), ok()).unwrap(),
             Probe::PartitionTable("gpt".into())
         );
         let odd = "DEVNAME=/dev/vdz\nUSAGE=other\n";
         assert!(matches!(
-            interpret(Path::new(DEV), &out(Some(0), odd), ok).unwrap(),
+            interpret(Path::new(DEV), &out(Some(0), odd), ok()).unwrap(),
             Probe::Unknown(_)
         ));
     }
@@ -204,14 +241,14 @@ mod tests {
     fn blank_only_when_nothing_found_and_readable() {
         // Silent exit 2, both ends readable, first MiB zero: the only way to be blank.
         assert_eq!(
-            interpret(Path::new(DEV), &out(Some(2), ""), ok).unwrap(),
+            interpret(Path::new(DEV), &out(Some(2), ""), ok()).unwrap(),
             Probe::Blank
         );
         // A read error at either end (read_ends fails) is never blank.
-        assert!(interpret(Path::new(DEV), &out(Some(2), ""), eio).is_err());
+        assert!(interpret(Path::new(DEV), &out(Some(2), ""), eio()).is_err());
         // Exit 2 with output is not a clean "nothing found".
         assert!(matches!(
-            interpret(Path::new(DEV), &out(Some(2), "TYPE=ext4\n"), ok),
+            interpret(Path::new(DEV), &out(Some(2), "TYPE=ext4\n"), ok()),
             Err(VolumeError::NotBlank { .. })
         ));
         // Exit 2 with a complaint on stderr (a probe that hit an I/O error) is not blank,
@@ -219,16 +256,40 @@ mod tests {
         let r = interpret(
             Path::new(DEV),
             &out_err(Some(2), "", "error: /dev/vdz: Input/output error\n"),
-            ok,
+            ok(),
         );
         assert!(matches!(r, Err(VolumeError::NotBlank { .. })), "{r:?}");
         // Nothing found, readable, but data in the first MiB: left alone.
-        let data = || Ok(Ends { head_zero: false });
+        let data = Ok(Ends { head_zero: false });
         let r = interpret(Path::new(DEV), &out(Some(2), ""), data);
         assert!(
             matches!(&r, Err(VolumeError::NotBlank { what, .. }) if what.contains("no known signature")),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn the_reads_only_matter_when_blkid_found_nothing() {
+        // They run at the same time as blkid now, but a device blkid names is named by
+        // blkid, whatever the reads said; no read result makes a non-clean blkid run blank.
+        let fs = "TYPE=ext4\n";
+        assert_eq!(
+            interpret(Path::new(DEV), &out(Some(0), fs), eio()).unwrap(),
+            Probe::Filesystem("ext4".into())
+        );
+        for code in [Some(2), Some(4), Some(8), None] {
+            let r = interpret(Path::new(DEV), &out_err(code, "", "oops"), ok());
+            assert!(r.is_err(), "{code:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn both_run_and_a_panic_is_an_error() {
+        let (a, b) = both(|| Ok(1), || 2);
+        assert_eq!((a.unwrap(), b), (1, 2));
+        let (a, b) = both::<(), _>(|| panic!("boom"), || 3);
+        assert!(matches!(a, Err(VolumeError::Io { .. })), "{a:?}");
+        assert_eq!(b, 3);
     }
 
     #[test]
@@ -253,7 +314,7 @@ mod tests {
     #[test]
     fn any_other_outcome_is_an_error_never_blank() {
         for code in [Some(1), Some(4), Some(8), Some(127), None] {
-            let r = interpret(Path::new(DEV), &out(code, ""), ok);
+            let r = interpret(Path::new(DEV), &out(code, ""), ok());
             assert!(
                 matches!(r, Err(VolumeError::Command { .. })),
                 "{code:?}: {r:?}"
