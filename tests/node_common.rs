@@ -85,18 +85,30 @@ impl Fixture {
 
     /// A sparse file attached to a loop device, without a by-id link yet.
     pub fn disk_unlinked(&self, size: u64) -> Disk {
+        self.disk_unlinked_with(size, &[])
+    }
+
+    /// [`Fixture::disk_unlinked`] with more `losetup` options (e.g. `--sector-size 4096`).
+    pub fn disk_unlinked_with(&self, size: u64, losetup: &[&str]) -> Disk {
         let serial = self.new_serial();
         let file = self.path(&format!("{serial}.img"));
         std::fs::File::create(&file).unwrap().set_len(size).unwrap();
-        let dev = run("losetup", &["--find", "--show", file.to_str().unwrap()]);
-        let dev = PathBuf::from(dev.trim());
-        self.loops.borrow_mut().push(dev.clone());
+        let dev = self.attach(&file, losetup);
         Disk {
             serial,
             file,
             dev,
             size,
         }
+    }
+
+    fn attach(&self, file: &Path, losetup: &[&str]) -> PathBuf {
+        let mut args = vec!["--find", "--show"];
+        args.extend_from_slice(losetup);
+        args.push(file.to_str().unwrap());
+        let dev = PathBuf::from(run("losetup", &args).trim());
+        self.loops.borrow_mut().push(dev.clone());
+        dev
     }
 
     /// Create the `virtio-<serial>` link, as udev would.

@@ -324,3 +324,21 @@ fn one_byte_anywhere_in_the_first_mib_is_not_blank() {
         );
     }
 }
+
+#[test]
+fn four_k_sector_devices_are_read_too() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let d = fx.disk_unlinked_with(64 * MIB, &["--sector-size", "4096"]);
+    assert_eq!(probe::probe(&d.dev).unwrap(), Probe::Blank);
+    write_at(&d.dev, MIB - 4096, &[0xff; 4096], true);
+    assert!(not_blank_no_signature(probe::probe(&d.dev)));
+    let e = fx.disk_unlinked_with(64 * MIB, &["--sector-size", "4096"]);
+    mkfs("ext4", &e.dev);
+    assert_eq!(
+        probe::probe(&e.dev).unwrap(),
+        Probe::Filesystem("ext4".into())
+    );
+}
