@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{VolumeError, cmd};
 
@@ -200,18 +201,23 @@ fn read_chunk(
 }
 
 /// Read `len` bytes of the device from `offset`, [`READ_CHUNK`] bytes at a time, handing
-/// each chunk to `each`: all of them, or an error (the end of the device included).
+/// each chunk to `each`: all of them, or an error (the end of the device included). Gives up
+/// with an error before the next chunk once `stop` is set.
 fn read_region(
     device: &Path,
     direct: Option<&File>,
     offset: u64,
     len: usize,
+    stop: &AtomicBool,
     mut each: impl FnMut(&[u8]),
 ) -> io::Result<()> {
     let mut buf = AlignedBuf::new(READ_CHUNK.min(len));
     let mut buffered = None;
     let mut done = 0;
     while done < len {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("stopped: the result is no longer needed"));
+        }
         let chunk = &mut buf.as_mut()[..READ_CHUNK.min(len - done)];
         read_chunk(device, direct, &mut buffered, offset + done as u64, chunk)?;
         each(chunk);
@@ -225,6 +231,11 @@ fn read_region(
 /// report whether the first part is all zeros. A block device is read with `O_DIRECT`, both
 /// ends at once.
 pub fn read_ends(device: &Path) -> Result<Ends, VolumeError> {
+    read_ends_until(device, &AtomicBool::new(false))
+}
+
+/// [`read_ends`], giving up (with an error) once `stop` is set.
+fn read_ends_until(device: &Path, stop: &AtomicBool) -> Result<Ends, VolumeError> {
     let f = File::open(device)
         .map_err(|e| VolumeError::io(format!("cannot open {} for reading", device.display()), e))?;
     let meta = f
@@ -254,12 +265,12 @@ pub fn read_ends(device: &Path) -> Result<Ends, VolumeError> {
     let tail_at = size.saturating_sub(READ_CHECK_BYTES as u64);
     let (tail, head) = both(
         || {
-            read_region(device, direct, tail_at, READ_CHECK_BYTES, |_| {})
+            read_region(device, direct, tail_at, READ_CHECK_BYTES, stop, |_| {})
                 .map_err(|e| failed("last", e))
         },
         || {
             let mut zero = true;
-            read_region(device, direct, 0, READ_CHECK_BYTES, |c| {
+            read_region(device, direct, 0, READ_CHECK_BYTES, stop, |c| {
                 zero = zero && is_zero(c);
             })
             .map_err(|e| failed("first", e))?;
@@ -286,7 +297,19 @@ fn blkid(device: &Path) -> Result<cmd::Output, VolumeError> {
 
 /// Probe a device: blkid and [`read_ends`] at the same time, then [`interpret`] both.
 pub fn probe(device: &Path) -> Result<Probe, VolumeError> {
-    let (ends, out) = both(|| read_ends(device), || blkid(device));
+    let stop = AtomicBool::new(false);
+    let (ends, out) = both(
+        || read_ends_until(device, &stop),
+        || {
+            let out = blkid(device);
+            // The reads count only when blkid exits 2 (see `interpret`); after any other
+            // answer (a filesystem found, say) they are stopped instead of waited for.
+            if !matches!(&out, Ok(o) if o.code == Some(2)) {
+                stop.store(true, Ordering::Relaxed);
+            }
+            out
+        },
+    );
     interpret(device, &out?, ends)
 }
 
@@ -437,33 +460,50 @@ mod tests {
         else {
             return;
         };
+        let go = AtomicBool::new(false);
         // An odd offset and length: EINVAL from O_DIRECT, then buffered reads.
         let mut seen = Vec::new();
-        read_region(&img, Some(&direct), 7, 1001, |c| seen.extend_from_slice(c)).unwrap();
+        read_region(&img, Some(&direct), 7, 1001, &go, |c| {
+            seen.extend_from_slice(c)
+        })
+        .unwrap();
         assert_eq!(seen, bytes[7..1008]);
         // Past the end is an error either way, never a short success.
-        let r = read_region(&img, Some(&direct), 0, 4 * DIRECT_ALIGN, |_| {});
+        let r = read_region(&img, Some(&direct), 0, 4 * DIRECT_ALIGN, &go, |_| {});
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        let r = read_region(&img, None, 4097, 3 * DIRECT_ALIGN, |_| {});
+        let r = read_region(&img, None, 4097, 3 * DIRECT_ALIGN, &go, |_| {});
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
-    fn reads_come_in_chunks() {
+    fn reads_come_in_chunks_and_stop_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("data.img");
         let len = 3 * READ_CHUNK + 5;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         std::fs::write(&img, &bytes).unwrap();
+        let go = AtomicBool::new(false);
         let mut sizes = Vec::new();
         let mut seen = Vec::new();
-        read_region(&img, None, 0, len, |c| {
+        read_region(&img, None, 0, len, &go, |c| {
             sizes.push(c.len());
             seen.extend_from_slice(c);
         })
         .unwrap();
         assert_eq!(sizes, [READ_CHUNK, READ_CHUNK, READ_CHUNK, 5]);
         assert_eq!(seen, bytes);
+        // Stopped: an error, never a success; no chunk after the stop.
+        let stop = AtomicBool::new(false);
+        let mut chunks = 0;
+        let r = read_region(&img, None, 0, len, &stop, |_| {
+            chunks += 1;
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(r.is_err());
+        assert_eq!(chunks, 1);
+        let file = dir.path().join("zero.img");
+        std::fs::write(&file, vec![0u8; 2 * READ_CHECK_BYTES]).unwrap();
+        assert!(read_ends_until(&file, &AtomicBool::new(true)).is_err());
     }
 
     #[test]
