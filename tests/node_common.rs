@@ -111,6 +111,40 @@ impl Fixture {
         dev
     }
 
+    /// An attached disk (with its by-id link) every read of which fails with EIO: a loop
+    /// device over a sparse file on an ext4 filesystem that is then shut down (`xfs_io`'s
+    /// `shutdown` works on ext4 too). `None` without `xfs_io`.
+    pub fn unreadable_disk(&self, size: u64) -> Option<Disk> {
+        if !have("xfs_io") {
+            eprintln!("skipped (unreadable disk): needs xfs_io");
+            return None;
+        }
+        let outer = self.disk_unlinked(32 * MIB);
+        mkfs("ext4", &outer.dev);
+        let dir = self.path(&format!("{}-fs", outer.serial));
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some(&outer.dev),
+            &dir,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let file = dir.join("disk.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let dev = self.attach(&file, &[]);
+        run("xfs_io", &["-x", "-c", "shutdown", dir.to_str().unwrap()]);
+        let d = Disk {
+            serial: self.new_serial(),
+            file,
+            dev,
+            size,
+        };
+        self.link(&d);
+        Some(d)
+    }
+
     /// Create the `virtio-<serial>` link, as udev would.
     pub fn link(&self, disk: &Disk) {
         std::os::unix::fs::symlink(
@@ -157,7 +191,8 @@ impl Fixture {
                 let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        for dev in self.loops.borrow_mut().drain(..) {
+        // Newest first: a loop device may live on a filesystem on an older one.
+        for dev in self.loops.borrow_mut().drain(..).rev() {
             let _ = Command::new("losetup").arg("-d").arg(&dev).output();
         }
     }

@@ -342,3 +342,46 @@ fn four_k_sector_devices_are_read_too() {
         Probe::Filesystem("ext4".into())
     );
 }
+
+#[test]
+fn a_device_smaller_than_the_checked_ends_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let d = fx.disk(512 * 1024);
+    assert_eq!(blkid_type(&d.dev), None);
+    let r = probe::probe(&d.dev);
+    assert!(matches!(r, Err(VolumeError::Io { .. })), "{r:?}");
+}
+
+#[test]
+fn a_device_that_cannot_be_read_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let Some(d) = fx.unreadable_disk(64 * MIB) else {
+        return;
+    };
+    // blkid alone cannot tell: on this device it exits 2 ("nothing found") and says
+    // nothing (util-linux 2.38), which is why both ends are read as well.
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&d.dev)
+        .output()
+        .unwrap();
+    eprintln!(
+        "blkid on an unreadable device: {:?}, stdout {:?}, stderr {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = probe::probe(&d.dev);
+    assert!(r.is_err(), "{r:?}");
+    let r = probe::read_ends(&d.dev);
+    assert!(
+        matches!(&r, Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(nix::libc::EIO)),
+        "{r:?}"
+    );
+}
