@@ -90,7 +90,9 @@ pub fn interpret(
     match out.code {
         Some(0) => Ok(Probe::from_export(&out.stdout)),
         // blkid -p exits 2 when it found nothing, but also when a probe failed on an I/O
-        // error (it then says so on stderr). Only a silent exit 2 is a candidate for blank.
+        // error, sometimes saying so on stderr and sometimes not (util-linux 2.38 prints
+        // nothing for a device every read of which fails). Only a silent exit 2 is a
+        // candidate for blank, and then only if both ends read fine.
         Some(2) if out.stdout.trim().is_empty() && out.stderr.trim().is_empty() => {
             // A read error here propagates: an unreadable device is never blank.
             if ends?.head_zero {
