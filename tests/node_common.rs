@@ -85,18 +85,64 @@ impl Fixture {
 
     /// A sparse file attached to a loop device, without a by-id link yet.
     pub fn disk_unlinked(&self, size: u64) -> Disk {
+        self.disk_unlinked_with(size, &[])
+    }
+
+    /// [`Fixture::disk_unlinked`] with more `losetup` options (e.g. `--sector-size 4096`).
+    pub fn disk_unlinked_with(&self, size: u64, losetup: &[&str]) -> Disk {
         let serial = self.new_serial();
         let file = self.path(&format!("{serial}.img"));
         std::fs::File::create(&file).unwrap().set_len(size).unwrap();
-        let dev = run("losetup", &["--find", "--show", file.to_str().unwrap()]);
-        let dev = PathBuf::from(dev.trim());
-        self.loops.borrow_mut().push(dev.clone());
+        let dev = self.attach(&file, losetup);
         Disk {
             serial,
             file,
             dev,
             size,
         }
+    }
+
+    fn attach(&self, file: &Path, losetup: &[&str]) -> PathBuf {
+        let mut args = vec!["--find", "--show"];
+        args.extend_from_slice(losetup);
+        args.push(file.to_str().unwrap());
+        let dev = PathBuf::from(run("losetup", &args).trim());
+        self.loops.borrow_mut().push(dev.clone());
+        dev
+    }
+
+    /// An attached disk (with its by-id link) every read of which fails with EIO: a loop
+    /// device over a sparse file on an ext4 filesystem that is then shut down (`xfs_io`'s
+    /// `shutdown` works on ext4 too). `None` without `xfs_io`.
+    pub fn unreadable_disk(&self, size: u64) -> Option<Disk> {
+        if !have("xfs_io") {
+            eprintln!("skipped (unreadable disk): needs xfs_io");
+            return None;
+        }
+        let outer = self.disk_unlinked(32 * MIB);
+        mkfs("ext4", &outer.dev);
+        let dir = self.path(&format!("{}-fs", outer.serial));
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some(&outer.dev),
+            &dir,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let file = dir.join("disk.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let dev = self.attach(&file, &[]);
+        run("xfs_io", &["-x", "-c", "shutdown", dir.to_str().unwrap()]);
+        let d = Disk {
+            serial: self.new_serial(),
+            file,
+            dev,
+            size,
+        };
+        self.link(&d);
+        Some(d)
     }
 
     /// Create the `virtio-<serial>` link, as udev would.
@@ -145,7 +191,8 @@ impl Fixture {
                 let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        for dev in self.loops.borrow_mut().drain(..) {
+        // Newest first: a loop device may live on a filesystem on an older one.
+        for dev in self.loops.borrow_mut().drain(..).rev() {
             let _ = Command::new("losetup").arg("-d").arg(&dev).output();
         }
     }

@@ -277,3 +277,111 @@ fn ext4_grows_offline_before_mounting() {
     mount::mount_fs(&d.dev, &dir, "ext4", &MountOptions::default()).unwrap();
     assert_eq!(std::fs::read(dir.join("keep")).unwrap(), b"data");
 }
+
+/// Write `bytes` at `offset` of a device through the page cache; `sync` flushes them to the
+/// device, without it they are only dirty pages (which a direct read must still see).
+fn write_at(dev: &std::path::Path, offset: u64, bytes: &[u8], sync: bool) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    if sync {
+        f.sync_all().unwrap();
+    }
+}
+
+fn not_blank_no_signature(r: Result<Probe, VolumeError>) -> bool {
+    matches!(&r, Err(VolumeError::NotBlank { what, .. }) if what.contains("no known signature"))
+}
+
+#[test]
+fn one_byte_anywhere_in_the_first_mib_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    for (offset, sync) in [
+        (0, true),
+        (4095, true),
+        (512 * 1024 + 3, true),
+        (MIB - 1, true),
+        // Only in the page cache, not yet on the device: seen all the same.
+        (MIB - 1, false),
+        (77_777, false),
+    ] {
+        let d = fx.disk(64 * MIB);
+        assert_eq!(probe::probe(&d.dev).unwrap(), Probe::Blank);
+        write_at(&d.dev, offset, &[0x01], sync);
+        assert_eq!(blkid_type(&d.dev), None, "no signature in one byte");
+        let r = probe::probe(&d.dev);
+        let shown = format!("{r:?}");
+        assert!(
+            not_blank_no_signature(r),
+            "byte at {offset} (synced {sync}): {shown}"
+        );
+        assert_eq!(
+            probe::read_ends(&d.dev).unwrap(),
+            probe::Ends { head_zero: false }
+        );
+    }
+}
+
+#[test]
+fn four_k_sector_devices_are_read_too() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let d = fx.disk_unlinked_with(64 * MIB, &["--sector-size", "4096"]);
+    assert_eq!(probe::probe(&d.dev).unwrap(), Probe::Blank);
+    write_at(&d.dev, MIB - 4096, &[0xff; 4096], true);
+    assert!(not_blank_no_signature(probe::probe(&d.dev)));
+    let e = fx.disk_unlinked_with(64 * MIB, &["--sector-size", "4096"]);
+    mkfs("ext4", &e.dev);
+    assert_eq!(
+        probe::probe(&e.dev).unwrap(),
+        Probe::Filesystem("ext4".into())
+    );
+}
+
+#[test]
+fn a_device_smaller_than_the_checked_ends_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let d = fx.disk(512 * 1024);
+    assert_eq!(blkid_type(&d.dev), None);
+    let r = probe::probe(&d.dev);
+    assert!(matches!(r, Err(VolumeError::Io { .. })), "{r:?}");
+}
+
+#[test]
+fn a_device_that_cannot_be_read_is_not_blank() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let Some(d) = fx.unreadable_disk(64 * MIB) else {
+        return;
+    };
+    // blkid alone cannot tell: on this device it exits 2 ("nothing found") and says
+    // nothing (util-linux 2.38), which is why both ends are read as well.
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&d.dev)
+        .output()
+        .unwrap();
+    eprintln!(
+        "blkid on an unreadable device: {:?}, stdout {:?}, stderr {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = probe::probe(&d.dev);
+    assert!(r.is_err(), "{r:?}");
+    let r = probe::read_ends(&d.dev);
+    assert!(
+        matches!(&r, Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(nix::libc::EIO)),
+        "{r:?}"
+    );
+}

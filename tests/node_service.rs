@@ -890,6 +890,30 @@ async fn data_without_a_signature_is_never_formatted() {
     assert_eq!(read_head(&d.dev, MIB as usize), bytes, "bytes untouched");
 }
 
+// blkid exits 2 without a word on a disk it cannot read; the reads of both ends catch it.
+#[tokio::test]
+async fn a_disk_that_cannot_be_read_is_never_formatted() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let Some(d) = fx.unreadable_disk(64 * MIB) else {
+        return;
+    };
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let staging = fx.path("unreadable");
+    let err = stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("cannot read the"),
+        "{}",
+        err.message()
+    );
+    assert!(!is_mount_point(&staging));
+}
+
 // Fix 2: unstage must not unmount the staging mount while publish bind mounts remain.
 #[tokio::test]
 async fn unstage_refuses_while_the_volume_is_still_published() {
