@@ -1,6 +1,5 @@
 //! The HTTP client: signing, nonces, rate limiting, retries, and one typed method per action.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,13 +7,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use super::credentials::Credentials;
 use super::error::ApiError;
 use super::ratelimit::RateLimiter;
+use super::reply;
 use super::sign::signature;
-use super::types::{Image, Snapshot, Vm, Volume, html_unescape};
+use super::types::{Image, Snapshot, Vm, Volume};
 use crate::metrics::Metrics;
 
 /// The real API's base URL.
@@ -74,6 +73,9 @@ pub struct ClientStats {
 }
 
 type SharedList = Shared<BoxFuture<'static, Result<Arc<Vec<Volume>>, ApiError>>>;
+
+/// An action's parameters, in the order they are sent (every value a string).
+type Params = Vec<(&'static str, String)>;
 
 struct Inner {
     http: reqwest::Client,
@@ -160,28 +162,28 @@ impl Client {
         now.max(prev + 1)
     }
 
+    /// One attempt: sign, send, and check the reply's status and `success`. Returns the
+    /// body of a successful reply for the caller to read its payload from.
     async fn call_once(
         &self,
-        handler: &str,
-        params: &BTreeMap<&str, String>,
-    ) -> Result<Value, ApiError> {
+        handler: &'static str,
+        params: &[(&'static str, String)],
+    ) -> Result<bytes::Bytes, ApiError> {
         let inner = &self.inner;
         // Wait for the rate limit first, so nonces are taken in the order requests leave.
         inner.limiter.acquire().await;
         let creds = &inner.cfg.credentials;
-        let mut req: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        req.insert("api_id", creds.api_id());
-        req.insert("api_partialkey", creds.partial_key());
-        let req = serde_json::to_string(&req).expect("string map serializes");
+        let req = request_json(creds.api_id(), creds.partial_key(), params);
         let nonce = self.next_nonce().to_string();
         let sig = signature(creds.api_key(), handler, &req, &nonce);
-        let url = format!("{}{}", inner.cfg.base_url, handler);
         let action = handler.trim_end_matches('/');
-        let err = |kind: fn(String, String) -> ApiError, message: String| {
-            kind(action.to_string(), message)
+        let transient = |message: String| ApiError::Transient {
+            action: action.to_string(),
+            message,
         };
 
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let url = format!("{}{}", inner.cfg.base_url, handler);
         let resp = inner
             .http
             .post(&url)
@@ -202,48 +204,26 @@ impl Client {
                 } else {
                     "request failed"
                 };
-                err(transient, format!("{what}: {}", without_url(&e)))
+                transient(format!("{what}: {}", without_url(&e)))
             })?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|e| {
-            err(
-                transient,
-                format!("reading the response failed: {}", without_url(&e)),
-            )
-        })?;
-        if status.as_u16() == 429 {
-            inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            return Err(err(
-                throttled,
-                format!("HTTP 429 {}", cloud_error(&body).unwrap_or_default()),
-            ));
-        }
-        if status.is_server_error() {
-            return Err(err(transient, format!("HTTP {status}")));
-        }
-        let value: Value = match serde_json::from_str(&body) {
-            Ok(v) => v,
-            Err(_) if !status.is_success() => return Err(err(other, format!("HTTP {status}"))),
-            Err(e) => return Err(err(other, format!("unparseable response: {e}"))),
-        };
-        if value.get("success").and_then(Value::as_str) == Some("yes") {
-            return Ok(value);
-        }
-        let message = cloud_error(&body)
-            .unwrap_or_else(|| format!("HTTP {status}: call failed without a message"));
-        let e = ApiError::from_cloud_message(action, &message);
-        if matches!(e, ApiError::Throttled { .. }) {
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transient(format!("reading the response failed: {}", without_url(&e))))?;
+        let checked = reply::check(action, status, &body);
+        if matches!(checked, Err(ApiError::Throttled { .. })) {
             inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e)
+        checked.map(|()| body)
     }
 
     async fn call(
         &self,
         handler: &'static str,
-        params: BTreeMap<&str, String>,
+        params: Params,
         repeat: Repeat,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<bytes::Bytes, ApiError> {
         let cfg = &self.inner.cfg;
         let action = handler.trim_end_matches('/');
         let mut backoff = cfg.initial_backoff;
@@ -282,26 +262,16 @@ impl Client {
         }
     }
 
+    /// Call, and read the payload under `field` of the reply.
     async fn call_as<T: DeserializeOwned>(
         &self,
         handler: &'static str,
-        params: BTreeMap<&str, String>,
+        params: Params,
         repeat: Repeat,
         field: &str,
     ) -> Result<T, ApiError> {
-        let mut value = self.call(handler, params, repeat).await?;
-        let action = handler.trim_end_matches('/');
-        let v = value
-            .get_mut(field)
-            .map(Value::take)
-            .ok_or_else(|| ApiError::Other {
-                action: action.into(),
-                message: format!("response has no `{field}`"),
-            })?;
-        serde_json::from_value(v).map_err(|e| ApiError::Other {
-            action: action.into(),
-            message: format!("unexpected `{field}` in response: {e}"),
-        })
+        let body = self.call(handler, params, repeat).await?;
+        reply::field(handler.trim_end_matches('/'), &body, field)
     }
 
     // ---- volume actions -------------------------------------------------------------
@@ -321,12 +291,8 @@ impl Client {
             ("size", size_gb.to_string()),
         ]);
         match source {
-            Some(CreateSource::Snapshot(id)) => {
-                p.insert("snapshot_id", id.to_string());
-            }
-            Some(CreateSource::Image(id)) => {
-                p.insert("image", id.to_string());
-            }
+            Some(CreateSource::Snapshot(id)) => p.push(("snapshot_id", id.to_string())),
+            Some(CreateSource::Image(id)) => p.push(("image", id.to_string())),
             None => {}
         }
         let id: IdOnly = self
@@ -495,7 +461,7 @@ impl Client {
 
     /// `vm/list`.
     pub async fn vm_list(&self) -> Result<Vec<Vm>, ApiError> {
-        self.call_as("vm/list/", BTreeMap::new(), Repeat::Safe, "vms")
+        self.call_as("vm/list/", Vec::new(), Repeat::Safe, "vms")
             .await
     }
 
@@ -529,17 +495,15 @@ impl Client {
         .map(drop)
     }
 
+    /// Call, and read the payload from the top level of the reply.
     async fn call_as_root<T: DeserializeOwned>(
         &self,
         handler: &'static str,
-        p: BTreeMap<&str, String>,
+        p: Params,
         repeat: Repeat,
     ) -> Result<T, ApiError> {
-        let value = self.call(handler, p, repeat).await?;
-        serde_json::from_value(value).map_err(|e| ApiError::Other {
-            action: handler.trim_end_matches('/').into(),
-            message: format!("unexpected response: {e}"),
-        })
+        let body = self.call(handler, p, repeat).await?;
+        reply::root(handler.trim_end_matches('/'), &body)
     }
 }
 
@@ -570,25 +534,54 @@ struct SnapshotIdOnly {
 }
 
 fn de_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = Value::deserialize(d)?;
-    match &v {
-        Value::String(s) => s.trim().parse().map_err(serde::de::Error::custom),
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| serde::de::Error::custom("not an id")),
-        _ => Err(serde::de::Error::custom("not an id")),
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an id")
+        }
+        fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<u64, E> {
+            Ok(u)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<u64, E> {
+            Err(E::custom("not an id"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<u64, E> {
+            Err(E::custom("not an id"))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+            s.trim().parse().map_err(E::custom)
+        }
     }
+    d.deserialize_any(V)
 }
 
-use serde::Deserialize as _;
-
-fn params<const N: usize>(kv: [(&'static str, String); N]) -> BTreeMap<&'static str, String> {
-    kv.into_iter().collect()
+fn params<const N: usize>(kv: [(&'static str, String); N]) -> Params {
+    kv.into()
 }
 
-fn cloud_error(body: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(body).ok()?;
-    v.get("error").and_then(Value::as_str).map(html_unescape)
+/// The `req` field: a JSON object of strings, the credentials first. Written directly
+/// (string escaping by serde_json) rather than through a map.
+fn request_json(api_id: &str, partial_key: &str, params: &[(&'static str, String)]) -> String {
+    let len = params
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 6)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(128 + len);
+    out.push(b'{');
+    let fields = [("api_id", api_id), ("api_partialkey", partial_key)]
+        .into_iter()
+        .chain(params.iter().map(|(k, v)| (*k, v.as_str())));
+    for (i, (k, v)) in fields.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).expect("a string serializes");
+        out.push(b':');
+        serde_json::to_writer(&mut out, v).expect("a string serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON of strings is UTF-8")
 }
 
 fn without_url(e: &reqwest::Error) -> String {
@@ -597,16 +590,6 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(&format!(" for url ({url})"), "");
     }
     s
-}
-
-fn transient(action: String, message: String) -> ApiError {
-    ApiError::Transient { action, message }
-}
-fn throttled(action: String, message: String) -> ApiError {
-    ApiError::Throttled { action, message }
-}
-fn other(action: String, message: String) -> ApiError {
-    ApiError::Other { action, message }
 }
 
 #[cfg(test)]
@@ -631,6 +614,38 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), n, "no nonce was handed out twice");
+    }
+
+    #[test]
+    fn the_request_is_a_json_object_of_strings_with_the_credentials() {
+        let req = request_json(
+            "abcdefghijklmnop",
+            "pk",
+            &[("label", "a \"b\"\\ é\n".into()), ("size", "10".into())],
+        );
+        assert_eq!(
+            req,
+            r#"{"api_id":"abcdefghijklmnop","api_partialkey":"pk","label":"a \"b\"\\ é\n","size":"10"}"#
+        );
+        let parsed: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&req).unwrap();
+        assert_eq!(parsed["label"], "a \"b\"\\ é\n");
+        assert_eq!(
+            request_json("i", "k", &[]),
+            r#"{"api_id":"i","api_partialkey":"k"}"#
+        );
+    }
+
+    #[test]
+    fn ids_are_numbers_or_strings_holding_one() {
+        let id: IdOnly = serde_json::from_str(r#"{"volume_id":" 12 ","x":1}"#).unwrap();
+        assert_eq!(id.volume_id, 12);
+        let id: ImageIdOnly = serde_json::from_str(r#"{"image_id":7}"#).unwrap();
+        assert_eq!(id.image_id, 7);
+        for bad in [r#""""#, r#""x""#, "-1", "1.5", "null", "[1]", "true"] {
+            let body = format!(r#"{{"volume_id":{bad}}}"#);
+            assert!(serde_json::from_str::<IdOnly>(&body).is_err(), "{bad}");
+        }
     }
 
     #[test]
