@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use reqwest::Url;
 use serde::de::DeserializeOwned;
 
 use super::credentials::Credentials;
@@ -80,6 +81,8 @@ type Params = Vec<(&'static str, String)>;
 struct Inner {
     http: reqwest::Client,
     cfg: ClientConfig,
+    /// Each handler's URL, parsed once (parsing a URL per request showed in profiles).
+    urls: Mutex<Vec<(&'static str, Url)>>,
     last_nonce: AtomicU64,
     limiter: RateLimiter,
     stats: ClientStats,
@@ -116,6 +119,9 @@ impl Client {
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
             .user_agent(concat!("lunanode-csi/", env!("CARGO_PKG_VERSION")))
+            // reqwest's default, stated because latency depends on it: no Nagle delay on
+            // small requests (connections are kept alive and reused by default too).
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| ApiError::Other {
                 action: "client".into(),
@@ -126,6 +132,7 @@ impl Client {
                 http,
                 limiter: RateLimiter::new(cfg.qps, cfg.burst),
                 cfg,
+                urls: Mutex::new(Vec::new()),
                 last_nonce: AtomicU64::new(0),
                 stats: ClientStats::default(),
                 pending_list: Mutex::new(None),
@@ -162,6 +169,18 @@ impl Client {
         now.max(prev + 1)
     }
 
+    /// The URL of `handler`, parsed on first use. `None` when the base URL does not parse:
+    /// the request is then built from the string, and fails as it always did.
+    fn url(&self, handler: &'static str) -> Option<Url> {
+        let mut urls = self.inner.urls.lock().expect("url cache lock");
+        if let Some((_, u)) = urls.iter().find(|(h, _)| *h == handler) {
+            return Some(u.clone());
+        }
+        let u = Url::parse(&format!("{}{}", self.inner.cfg.base_url, handler)).ok()?;
+        urls.push((handler, u.clone()));
+        Some(u)
+    }
+
     /// One attempt: sign, send, and check the reply's status and `success`. Returns the
     /// body of a successful reply for the caller to read its payload from.
     async fn call_once(
@@ -183,16 +202,24 @@ impl Client {
         };
 
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}{}", inner.cfg.base_url, handler);
-        let resp = inner
-            .http
-            .post(&url)
-            .form(&[
-                ("req", req.as_str()),
-                ("signature", &sig),
-                ("nonce", &nonce),
-                ("handler", handler),
-            ])
+        let builder = match self.url(handler) {
+            Some(url) => inner.http.post(url),
+            None => inner
+                .http
+                .post(format!("{}{}", inner.cfg.base_url, handler)),
+        };
+        let body = form(&[
+            ("req", &req),
+            ("signature", &sig),
+            ("nonce", &nonce),
+            ("handler", handler),
+        ]);
+        let resp = builder
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
             .send()
             .await
             .map_err(|e| {
@@ -584,6 +611,42 @@ fn request_json(api_id: &str, partial_key: &str, params: &[(&'static str, String
     String::from_utf8(out).expect("JSON of strings is UTF-8")
 }
 
+/// An `application/x-www-form-urlencoded` body, sized once: letters, digits and `*-._`
+/// as they are, space as `+`, every other byte as `%XX` (what browsers and
+/// `serde_urlencoded` send).
+fn form(fields: &[(&str, &str)]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let len: usize = fields
+        .iter()
+        .map(|(k, v)| 2 + 3 * (k.len() + v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(len);
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b'&');
+        }
+        for (j, part) in [k, v].into_iter().enumerate() {
+            if j > 0 {
+                out.push(b'=');
+            }
+            for &b in part.as_bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                        out.push(b)
+                    }
+                    b' ' => out.push(b'+'),
+                    _ => out.extend_from_slice(&[
+                        b'%',
+                        HEX[usize::from(b >> 4)],
+                        HEX[usize::from(b & 15)],
+                    ]),
+                }
+            }
+        }
+    }
+    String::from_utf8(out).expect("the encoding is ASCII")
+}
+
 fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(url) = e.url() {
@@ -637,6 +700,20 @@ mod tests {
     }
 
     #[test]
+    fn form_bodies_are_url_encoded() {
+        assert_eq!(
+            form(&[
+                ("req", r#"{"a":"b c","d":"é&="}"#),
+                ("nonce", "12"),
+                ("h", "volume/list/")
+            ]),
+            "req=%7B%22a%22%3A%22b+c%22%2C%22d%22%3A%22%C3%A9%26%3D%22%7D&nonce=12&h=volume%2Flist%2F"
+        );
+        assert_eq!(form(&[("k", "AZaz09*-._~+%")]), "k=AZaz09*-._%7E%2B%25");
+        assert_eq!(form(&[]), "");
+    }
+
+    #[test]
     fn ids_are_numbers_or_strings_holding_one() {
         let id: IdOnly = serde_json::from_str(r#"{"volume_id":" 12 ","x":1}"#).unwrap();
         assert_eq!(id.volume_id, 12);
@@ -646,6 +723,18 @@ mod tests {
             let body = format!(r#"{{"volume_id":{bad}}}"#);
             assert!(serde_json::from_str::<IdOnly>(&body).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn handler_urls_are_parsed_once_and_match_the_base() {
+        let c = client();
+        let u = c.url("volume/list/").unwrap();
+        assert_eq!(u.as_str(), "http://127.0.0.1:1/api/volume/list/");
+        assert_eq!(c.url("volume/list/").unwrap(), u);
+        assert_eq!(c.inner.urls.lock().unwrap().len(), 1);
+        let creds = Credentials::new("abcdefghijklmnop", &"k".repeat(128)).unwrap();
+        let bad = Client::new(ClientConfig::new("not a url", creds)).unwrap();
+        assert!(bad.url("volume/list/").is_none());
     }
 
     #[test]
