@@ -1,20 +1,20 @@
 //! The HTTP client: signing, nonces, rate limiting, retries, and one typed method per action.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use reqwest::Url;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use super::credentials::Credentials;
 use super::error::ApiError;
 use super::ratelimit::RateLimiter;
+use super::reply;
 use super::sign::signature;
-use super::types::{Image, Snapshot, Vm, Volume, html_unescape};
+use super::types::{Image, Snapshot, Vm, Volume};
 use crate::metrics::Metrics;
 
 /// The real API's base URL.
@@ -80,9 +80,14 @@ pub struct ClientStats {
 
 type SharedList = Shared<BoxFuture<'static, Result<Arc<Vec<Volume>>, ApiError>>>;
 
+/// An action's parameters, in the order they are sent (every value a string).
+type Params = Vec<(&'static str, String)>;
+
 struct Inner {
     http: reqwest::Client,
     cfg: ClientConfig,
+    /// Each handler's URL, parsed once (parsing a URL per request showed in profiles).
+    urls: Mutex<Vec<(&'static str, Url)>>,
     last_nonce: AtomicU64,
     limiter: RateLimiter,
     /// `None` when `max_in_flight` is 0.
@@ -121,6 +126,9 @@ impl Client {
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
             .user_agent(concat!("lunanode-csi/", env!("CARGO_PKG_VERSION")))
+            // reqwest's default, stated because latency depends on it: no Nagle delay on
+            // small requests (connections are kept alive and reused by default too).
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| ApiError::Other {
                 action: "client".into(),
@@ -133,6 +141,7 @@ impl Client {
                 in_flight: (cfg.max_in_flight > 0)
                     .then(|| tokio::sync::Semaphore::new(cfg.max_in_flight)),
                 cfg,
+                urls: Mutex::new(Vec::new()),
                 last_nonce: AtomicU64::new(0),
                 stats: ClientStats::default(),
                 pending_list: Mutex::new(None),
@@ -169,11 +178,25 @@ impl Client {
         now.max(prev + 1)
     }
 
+    /// The URL of `handler`, parsed on first use. `None` when the base URL does not parse:
+    /// the request is then built from the string, and fails as it always did.
+    fn url(&self, handler: &'static str) -> Option<Url> {
+        let mut urls = self.inner.urls.lock().expect("url cache lock");
+        if let Some((_, u)) = urls.iter().find(|(h, _)| *h == handler) {
+            return Some(u.clone());
+        }
+        let u = Url::parse(&format!("{}{}", self.inner.cfg.base_url, handler)).ok()?;
+        urls.push((handler, u.clone()));
+        Some(u)
+    }
+
+    /// One attempt: sign, send, and check the reply's status and `success`. Returns the
+    /// body of a successful reply for the caller to read its payload from.
     async fn call_once(
         &self,
-        handler: &str,
-        params: &BTreeMap<&str, String>,
-    ) -> Result<Value, ApiError> {
+        handler: &'static str,
+        params: &[(&'static str, String)],
+    ) -> Result<bytes::Bytes, ApiError> {
         let inner = &self.inner;
         // A slot on the wire first: a rate-limit token taken before it would be wasted waiting.
         let _slot = match &inner.in_flight {
@@ -183,28 +206,34 @@ impl Client {
         // Then the rate limit, so nonces are taken in the order requests leave.
         inner.limiter.acquire().await;
         let creds = &inner.cfg.credentials;
-        let mut req: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        req.insert("api_id", creds.api_id());
-        req.insert("api_partialkey", creds.partial_key());
-        let req = serde_json::to_string(&req).expect("string map serializes");
+        let req = request_json(creds.api_id(), creds.partial_key(), params);
         let nonce = self.next_nonce().to_string();
         let sig = signature(creds.api_key(), handler, &req, &nonce);
-        let url = format!("{}{}", inner.cfg.base_url, handler);
         let action = handler.trim_end_matches('/');
-        let err = |kind: fn(String, String) -> ApiError, message: String| {
-            kind(action.to_string(), message)
+        let transient = |message: String| ApiError::Transient {
+            action: action.to_string(),
+            message,
         };
 
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = inner
-            .http
-            .post(&url)
-            .form(&[
-                ("req", req.as_str()),
-                ("signature", &sig),
-                ("nonce", &nonce),
-                ("handler", handler),
-            ])
+        let builder = match self.url(handler) {
+            Some(url) => inner.http.post(url),
+            None => inner
+                .http
+                .post(format!("{}{}", inner.cfg.base_url, handler)),
+        };
+        let body = form(&[
+            ("req", &req),
+            ("signature", &sig),
+            ("nonce", &nonce),
+            ("handler", handler),
+        ]);
+        let resp = builder
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
             .send()
             .await
             .map_err(|e| {
@@ -216,48 +245,26 @@ impl Client {
                 } else {
                     "request failed"
                 };
-                err(transient, format!("{what}: {}", without_url(&e)))
+                transient(format!("{what}: {}", without_url(&e)))
             })?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|e| {
-            err(
-                transient,
-                format!("reading the response failed: {}", without_url(&e)),
-            )
-        })?;
-        if status.as_u16() == 429 {
-            inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            return Err(err(
-                throttled,
-                format!("HTTP 429 {}", cloud_error(&body).unwrap_or_default()),
-            ));
-        }
-        if status.is_server_error() {
-            return Err(err(transient, format!("HTTP {status}")));
-        }
-        let value: Value = match serde_json::from_str(&body) {
-            Ok(v) => v,
-            Err(_) if !status.is_success() => return Err(err(other, format!("HTTP {status}"))),
-            Err(e) => return Err(err(other, format!("unparseable response: {e}"))),
-        };
-        if value.get("success").and_then(Value::as_str) == Some("yes") {
-            return Ok(value);
-        }
-        let message = cloud_error(&body)
-            .unwrap_or_else(|| format!("HTTP {status}: call failed without a message"));
-        let e = ApiError::from_cloud_message(action, &message);
-        if matches!(e, ApiError::Throttled { .. }) {
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transient(format!("reading the response failed: {}", without_url(&e))))?;
+        let checked = reply::check(action, status, &body);
+        if matches!(checked, Err(ApiError::Throttled { .. })) {
             inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e)
+        checked.map(|()| body)
     }
 
     async fn call(
         &self,
         handler: &'static str,
-        params: BTreeMap<&str, String>,
+        params: Params,
         repeat: Repeat,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<bytes::Bytes, ApiError> {
         let cfg = &self.inner.cfg;
         let action = handler.trim_end_matches('/');
         let mut backoff = cfg.initial_backoff;
@@ -296,26 +303,16 @@ impl Client {
         }
     }
 
+    /// Call, and read the payload under `field` of the reply.
     async fn call_as<T: DeserializeOwned>(
         &self,
         handler: &'static str,
-        params: BTreeMap<&str, String>,
+        params: Params,
         repeat: Repeat,
         field: &str,
     ) -> Result<T, ApiError> {
-        let mut value = self.call(handler, params, repeat).await?;
-        let action = handler.trim_end_matches('/');
-        let v = value
-            .get_mut(field)
-            .map(Value::take)
-            .ok_or_else(|| ApiError::Other {
-                action: action.into(),
-                message: format!("response has no `{field}`"),
-            })?;
-        serde_json::from_value(v).map_err(|e| ApiError::Other {
-            action: action.into(),
-            message: format!("unexpected `{field}` in response: {e}"),
-        })
+        let body = self.call(handler, params, repeat).await?;
+        reply::field(handler.trim_end_matches('/'), &body, field)
     }
 
     // ---- volume actions -------------------------------------------------------------
@@ -335,12 +332,8 @@ impl Client {
             ("size", size_gb.to_string()),
         ]);
         match source {
-            Some(CreateSource::Snapshot(id)) => {
-                p.insert("snapshot_id", id.to_string());
-            }
-            Some(CreateSource::Image(id)) => {
-                p.insert("image", id.to_string());
-            }
+            Some(CreateSource::Snapshot(id)) => p.push(("snapshot_id", id.to_string())),
+            Some(CreateSource::Image(id)) => p.push(("image", id.to_string())),
             None => {}
         }
         let id: IdOnly = self
@@ -509,7 +502,7 @@ impl Client {
 
     /// `vm/list`.
     pub async fn vm_list(&self) -> Result<Vec<Vm>, ApiError> {
-        self.call_as("vm/list/", BTreeMap::new(), Repeat::Safe, "vms")
+        self.call_as("vm/list/", Vec::new(), Repeat::Safe, "vms")
             .await
     }
 
@@ -543,17 +536,15 @@ impl Client {
         .map(drop)
     }
 
+    /// Call, and read the payload from the top level of the reply.
     async fn call_as_root<T: DeserializeOwned>(
         &self,
         handler: &'static str,
-        p: BTreeMap<&str, String>,
+        p: Params,
         repeat: Repeat,
     ) -> Result<T, ApiError> {
-        let value = self.call(handler, p, repeat).await?;
-        serde_json::from_value(value).map_err(|e| ApiError::Other {
-            action: handler.trim_end_matches('/').into(),
-            message: format!("unexpected response: {e}"),
-        })
+        let body = self.call(handler, p, repeat).await?;
+        reply::root(handler.trim_end_matches('/'), &body)
     }
 }
 
@@ -584,25 +575,90 @@ struct SnapshotIdOnly {
 }
 
 fn de_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = Value::deserialize(d)?;
-    match &v {
-        Value::String(s) => s.trim().parse().map_err(serde::de::Error::custom),
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| serde::de::Error::custom("not an id")),
-        _ => Err(serde::de::Error::custom("not an id")),
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an id")
+        }
+        fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<u64, E> {
+            Ok(u)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<u64, E> {
+            Err(E::custom("not an id"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<u64, E> {
+            Err(E::custom("not an id"))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+            s.trim().parse().map_err(E::custom)
+        }
     }
+    d.deserialize_any(V)
 }
 
-use serde::Deserialize as _;
-
-fn params<const N: usize>(kv: [(&'static str, String); N]) -> BTreeMap<&'static str, String> {
-    kv.into_iter().collect()
+fn params<const N: usize>(kv: [(&'static str, String); N]) -> Params {
+    kv.into()
 }
 
-fn cloud_error(body: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(body).ok()?;
-    v.get("error").and_then(Value::as_str).map(html_unescape)
+/// The `req` field: a JSON object of strings, the credentials first. Written directly
+/// (string escaping by serde_json) rather than through a map.
+fn request_json(api_id: &str, partial_key: &str, params: &[(&'static str, String)]) -> String {
+    let len = params
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 6)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(128 + len);
+    out.push(b'{');
+    let fields = [("api_id", api_id), ("api_partialkey", partial_key)]
+        .into_iter()
+        .chain(params.iter().map(|(k, v)| (*k, v.as_str())));
+    for (i, (k, v)) in fields.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).expect("a string serializes");
+        out.push(b':');
+        serde_json::to_writer(&mut out, v).expect("a string serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON of strings is UTF-8")
+}
+
+/// An `application/x-www-form-urlencoded` body, sized once: letters, digits and `*-._`
+/// as they are, space as `+`, every other byte as `%XX` (what browsers and
+/// `serde_urlencoded` send).
+fn form(fields: &[(&str, &str)]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let len: usize = fields
+        .iter()
+        .map(|(k, v)| 2 + 3 * (k.len() + v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(len);
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b'&');
+        }
+        for (j, part) in [k, v].into_iter().enumerate() {
+            if j > 0 {
+                out.push(b'=');
+            }
+            for &b in part.as_bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                        out.push(b)
+                    }
+                    b' ' => out.push(b'+'),
+                    _ => out.extend_from_slice(&[
+                        b'%',
+                        HEX[usize::from(b >> 4)],
+                        HEX[usize::from(b & 15)],
+                    ]),
+                }
+            }
+        }
+    }
+    String::from_utf8(out).expect("the encoding is ASCII")
 }
 
 fn without_url(e: &reqwest::Error) -> String {
@@ -611,16 +667,6 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(&format!(" for url ({url})"), "");
     }
     s
-}
-
-fn transient(action: String, message: String) -> ApiError {
-    ApiError::Transient { action, message }
-}
-fn throttled(action: String, message: String) -> ApiError {
-    ApiError::Throttled { action, message }
-}
-fn other(action: String, message: String) -> ApiError {
-    ApiError::Other { action, message }
 }
 
 #[cfg(test)]
@@ -645,6 +691,64 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), n, "no nonce was handed out twice");
+    }
+
+    #[test]
+    fn the_request_is_a_json_object_of_strings_with_the_credentials() {
+        let req = request_json(
+            "abcdefghijklmnop",
+            "pk",
+            &[("label", "a \"b\"\\ é\n".into()), ("size", "10".into())],
+        );
+        assert_eq!(
+            req,
+            r#"{"api_id":"abcdefghijklmnop","api_partialkey":"pk","label":"a \"b\"\\ é\n","size":"10"}"#
+        );
+        let parsed: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&req).unwrap();
+        assert_eq!(parsed["label"], "a \"b\"\\ é\n");
+        assert_eq!(
+            request_json("i", "k", &[]),
+            r#"{"api_id":"i","api_partialkey":"k"}"#
+        );
+    }
+
+    #[test]
+    fn form_bodies_are_url_encoded() {
+        assert_eq!(
+            form(&[
+                ("req", r#"{"a":"b c","d":"é&="}"#),
+                ("nonce", "12"),
+                ("h", "volume/list/")
+            ]),
+            "req=%7B%22a%22%3A%22b+c%22%2C%22d%22%3A%22%C3%A9%26%3D%22%7D&nonce=12&h=volume%2Flist%2F"
+        );
+        assert_eq!(form(&[("k", "AZaz09*-._~+%")]), "k=AZaz09*-._%7E%2B%25");
+        assert_eq!(form(&[]), "");
+    }
+
+    #[test]
+    fn ids_are_numbers_or_strings_holding_one() {
+        let id: IdOnly = serde_json::from_str(r#"{"volume_id":" 12 ","x":1}"#).unwrap();
+        assert_eq!(id.volume_id, 12);
+        let id: ImageIdOnly = serde_json::from_str(r#"{"image_id":7}"#).unwrap();
+        assert_eq!(id.image_id, 7);
+        for bad in [r#""""#, r#""x""#, "-1", "1.5", "null", "[1]", "true"] {
+            let body = format!(r#"{{"volume_id":{bad}}}"#);
+            assert!(serde_json::from_str::<IdOnly>(&body).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn handler_urls_are_parsed_once_and_match_the_base() {
+        let c = client();
+        let u = c.url("volume/list/").unwrap();
+        assert_eq!(u.as_str(), "http://127.0.0.1:1/api/volume/list/");
+        assert_eq!(c.url("volume/list/").unwrap(), u);
+        assert_eq!(c.inner.urls.lock().unwrap().len(), 1);
+        let creds = Credentials::new("abcdefghijklmnop", &"k".repeat(128)).unwrap();
+        let bad = Client::new(ClientConfig::new("not a url", creds)).unwrap();
+        assert!(bad.url("volume/list/").is_none());
     }
 
     #[test]

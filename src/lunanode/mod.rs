@@ -9,6 +9,7 @@ mod client;
 mod credentials;
 mod error;
 mod ratelimit;
+mod reply;
 mod sign;
 mod types;
 

@@ -1,53 +1,91 @@
 //! The API's objects, parsed tolerantly: numbers may arrive as strings or as numbers,
 //! unknown fields are ignored, and missing optional fields default.
 
+use std::fmt;
+
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer};
 
 /// The regions the API reference names.
 pub const REGIONS: &[&str] = &["toronto", "montreal", "roubaix"];
 
+/// A count or ID: a JSON number, or a string holding one (`"100"`, `" 7 "`, `"1.5"`); an
+/// empty string or `null` is 0. Read by a visitor rather than an untagged enum, which would
+/// buffer every value before trying each shape.
 fn num<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum N {
-        S(String),
-        U(u64),
-        F(f64),
-        Null(()),
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a non-negative number, or a string holding one")
+        }
+        fn visit_u64<E: de::Error>(self, u: u64) -> Result<u64, E> {
+            Ok(u)
+        }
+        fn visit_i64<E: de::Error>(self, i: i64) -> Result<u64, E> {
+            u64::try_from(i).map_err(|_| E::custom(format!("negative number {i}")))
+        }
+        fn visit_f64<E: de::Error>(self, f: f64) -> Result<u64, E> {
+            if f >= 0.0 {
+                Ok(f as u64)
+            } else {
+                Err(E::custom(format!("negative number {f}")))
+            }
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<u64, E> {
+            let s = s.trim();
+            if s.is_empty() {
+                return Ok(0);
+            }
+            s.parse::<u64>()
+                .or_else(|_| s.parse::<f64>().map(|f| f as u64))
+                .map_err(E::custom)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<u64, E> {
+            Ok(0)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<u64, E> {
+            Ok(0)
+        }
     }
-    match N::deserialize(d)? {
-        N::S(s) if s.trim().is_empty() => Ok(0),
-        N::S(s) => s
-            .trim()
-            .parse::<u64>()
-            .or_else(|_| s.trim().parse::<f64>().map(|f| f as u64))
-            .map_err(serde::de::Error::custom),
-        N::U(u) => Ok(u),
-        N::F(f) if f >= 0.0 => Ok(f as u64),
-        N::F(f) => Err(serde::de::Error::custom(format!("negative number {f}"))),
-        N::Null(()) => Ok(0),
-    }
+    d.deserialize_any(V)
 }
 
+/// A string field that may arrive as a number or a flag: numbers are written out, `true`
+/// is `"1"`, `false` and `null` are empty.
 fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum T {
-        S(String),
-        U(u64),
-        I(i64),
-        F(f64),
-        B(bool),
-        Null(()),
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string, number, flag or null")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
+            Ok(s.to_string())
+        }
+        fn visit_string<E: de::Error>(self, s: String) -> Result<String, E> {
+            Ok(s)
+        }
+        fn visit_u64<E: de::Error>(self, u: u64) -> Result<String, E> {
+            Ok(u.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, i: i64) -> Result<String, E> {
+            Ok(i.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, f: f64) -> Result<String, E> {
+            Ok(f.to_string())
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<String, E> {
+            Ok(if b { "1" } else { "" }.to_string())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
     }
-    Ok(match T::deserialize(d)? {
-        T::S(s) => s,
-        T::U(u) => u.to_string(),
-        T::I(i) => i.to_string(),
-        T::F(f) => f.to_string(),
-        T::B(b) => if b { "1" } else { "" }.to_string(),
-        T::Null(()) => String::new(),
-    })
+    d.deserialize_any(V)
 }
 
 /// A block-storage volume.
@@ -294,6 +332,30 @@ mod tests {
         assert!(serde_json::from_str::<Volume>(r#"{"id": "x"}"#).is_err());
         assert!(serde_json::from_str::<Volume>(r#"{"id": -3}"#).is_err());
         assert!(serde_json::from_str::<Volume>(r#"{"id": [1]}"#).is_err());
+        assert!(serde_json::from_str::<Volume>(r#"{"id": true}"#).is_err());
+        assert!(serde_json::from_str::<Volume>(r#"{"id": "-2.5e0x"}"#).is_err());
+        assert!(serde_json::from_str::<Volume>(r#"{"id": 1, "name": [1]}"#).is_err());
+        assert!(serde_json::from_str::<Volume>(r#"{"id": 1, "name": {}}"#).is_err());
+    }
+
+    #[test]
+    fn numbers_and_strings_are_read_tolerantly() {
+        let v: Volume = serde_json::from_str(
+            r#"{"id": " 12 ", "size": "1.9", "name": 5, "status": -1, "attached": null, "region": true, "created": 2.5, "identification": false}"#,
+        )
+        .unwrap();
+        assert_eq!((v.id, v.size), (12, 1));
+        assert_eq!((v.name.as_str(), v.status.as_str()), ("5", "-1"));
+        assert_eq!((v.attached.as_str(), v.region.as_str()), ("", "1"));
+        assert_eq!((v.created.as_str(), v.identification.as_str()), ("2.5", ""));
+        let v: Volume = serde_json::from_str(r#"{"id": 3.0, "size": "", "status": null}"#).unwrap();
+        assert_eq!((v.id, v.size, v.status.as_str()), (3, 0, ""));
+        let v: Volume = serde_json::from_str(r#"{"id": 4, "size": null}"#).unwrap();
+        assert_eq!(v.size, 0);
+        let e = serde_json::from_str::<Volume>(r#"{"id": -3.5}"#).unwrap_err();
+        assert!(e.to_string().contains("negative number -3.5"), "{e}");
+        let e = serde_json::from_str::<Volume>(r#"{"id": -3}"#).unwrap_err();
+        assert!(e.to_string().contains("negative number -3"), "{e}");
     }
 
     #[test]

@@ -61,8 +61,8 @@ async fn state(State(inner): State<Arc<Inner>>) -> Response {
     )
 }
 
-/// One API request, timed: the time it spends here is the cloud's share of a caller's
-/// latency (benchmarks subtract it to find what the caller adds).
+/// One API request, timed from the handler's start to its reply (see also [`Timed`], which
+/// times the whole exchange on the connection).
 async fn api(
     State(inner): State<Arc<Inner>>,
     Path((category, action)): Path<(String, String)>,
@@ -243,6 +243,134 @@ fn decode(s: &[u8]) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The simulator's listener: sets `TCP_NODELAY` on each connection (axum's `serve` does not)
+/// and times the simulator's own handling of every request on it (see [`Timed`]).
+pub(crate) struct TimedListener {
+    pub(crate) listener: tokio::net::TcpListener,
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl axum::serve::Listener for TimedListener {
+    type Io = Timed;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Timed, std::net::SocketAddr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::debug!(error = %e, "sim: cannot set TCP_NODELAY");
+        }
+        let timed = Timed {
+            io,
+            inner: self.inner.clone(),
+            since: None,
+            answering: false,
+        };
+        (timed, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection that adds to [`Inner::served_nanos`] the time from the first bytes of each
+/// request read to its response written: everything the simulator does for the request
+/// (HTTP parsing, routing, the handler with its latency, the reply and the write), and
+/// nothing of the client's (requests on one connection are answered in turn, so the
+/// client's time between them falls outside the spans). The time the bytes spend reaching
+/// the simulator, and the reply reaching the client, are not in it.
+pub(crate) struct Timed {
+    io: tokio::net::TcpStream,
+    inner: Arc<Inner>,
+    /// When the request being answered was first read (or its reply last written to).
+    since: Option<Instant>,
+    /// The reply has started to be written: the next bytes read start a new request.
+    answering: bool,
+}
+
+impl Timed {
+    fn read_some(&mut self) {
+        if self.since.is_none() || self.answering {
+            self.since = Some(Instant::now());
+            self.answering = false;
+        }
+    }
+
+    fn wrote_some(&mut self) {
+        if let Some(since) = self.since {
+            let now = Instant::now();
+            let nanos = u64::try_from((now - since).as_nanos()).unwrap_or(u64::MAX);
+            self.inner
+                .served_nanos
+                .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+            self.since = Some(now);
+            self.answering = true;
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Timed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.read_some();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Timed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote_some();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote_some();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
