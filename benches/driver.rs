@@ -49,8 +49,9 @@ struct Args {
     /// Simulated API latency for every phase, in ms.
     #[arg(long, default_value_t = 20)]
     latency_ms: u64,
-    /// Lifecycles at concurrency 1 for the driver-added latency and API calls per RPC.
-    #[arg(long, default_value_t = 20)]
+    /// Lifecycles at concurrency 1 for the driver-added latency and API calls per RPC
+    /// (100: each RPC's p99 is then its second-worst sample, not its single worst).
+    #[arg(long, default_value_t = 100)]
     serial_lifecycles: usize,
     /// Lifecycles for the throughput phase.
     #[arg(long, default_value_t = 256)]
@@ -253,6 +254,7 @@ fn vm_ids(sim: &SimHandle) -> Vec<String> {
 struct Driver {
     child: Child,
     channel: Channel,
+    sock: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -310,6 +312,7 @@ impl Driver {
         Driver {
             child,
             channel,
+            sock,
             _dir: dir,
         }
     }
@@ -579,10 +582,33 @@ fn per_rpc(samples: &[Sample]) -> BTreeMap<&'static str, Vec<f64>> {
 // ---- phases --------------------------------------------------------------------------
 
 /// Concurrency 1: per RPC, its time, the API calls on its path, and what the driver adds.
+///
+/// The measuring client runs on its own thread with a single-threaded runtime (as the driver
+/// does), so that its gRPC and HTTP work is not spread over the worker threads the
+/// simulator uses: on a shared multi-thread runtime a request's frames can leave in two
+/// writes a thread hop apart, and that time would be charged to the driver.
 async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize) -> Value {
+    let (sock, pid) = (driver.sock.clone(), driver.pid());
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(serial(args, sim, &sock, pid, run))
+            })
+            .join()
+            .unwrap()
+        })
+    })
+}
+
+async fn serial(args: &Args, sim: &SimHandle, sock: &Path, pid: u32, run: usize) -> Value {
     let latency = Duration::from_millis(args.latency_ms);
+    let channel = channel(sock).await;
     let mut lc = Lifecycle {
-        ctl: ControllerClient::new(driver.channel.clone()),
+        ctl: ControllerClient::new(channel),
         node_id: sim.vms[0].id.clone(),
         snapshots: true,
     };
@@ -598,13 +624,24 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
         floor.push(took - ms(sim.served_time() - served));
         floor_handler.push(took - ms(sim.api_time() - handler));
     }
+    // The floor of an RPC: one that makes no API call (the gRPC round trip through the
+    // driver's logging and dispatch).
+    let mut rpc_floor = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        lc.ctl
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .expect("ControllerGetCapabilities");
+        rpc_floor.push(ms(t.elapsed()));
+    }
     let mut out = Vec::new();
-    let cpu_before = cpu_ms(driver.pid());
+    let cpu_before = cpu_ms(pid);
     for i in 0..args.serial_lifecycles {
         lc.run(&format!("serial-{run}-{i}"), Some(sim), &mut out)
             .await;
     }
-    let driver_cpu_ms = cpu_ms(driver.pid()) - cpu_before;
+    let driver_cpu_ms = cpu_ms(pid) - cpu_before;
     let api_calls: u64 = out
         .iter()
         .filter_map(|(_, c)| c.as_ref().map(|c| total_calls(&c.calls)))
@@ -673,6 +710,7 @@ async fn phase_serial(args: &Args, sim: &SimHandle, driver: &Driver, run: usize)
         "errors": out.iter().filter(|(s, _)| !s.ok).count(),
         "bare_client_overhead_ms_per_api_call": p50_p99(&floor).0,
         "bare_client_overhead_ms_per_api_call_vs_handler": p50_p99(&floor_handler).0,
+        "rpc_without_api_calls_ms": {"p50": p50_p99(&rpc_floor).0, "p99": p50_p99(&rpc_floor).1},
         "driver_cpu_us_per_rpc": driver_cpu_ms * 1000.0 / out.len().max(1) as f64,
         "driver_cpu_us_per_api_call": driver_cpu_ms * 1000.0 / api_calls.max(1) as f64,
         "rpcs": by_rpc,
@@ -1095,9 +1133,11 @@ fn print_report(r: &Value) {
     }
     if let Some(s) = r.get("serial").filter(|v| !v.is_null()) {
         println!(
-            "  (added = RPC time minus the simulator's own time serving its API calls, from each request read to its reply written;\n   handler = the same minus only the API handler's time, so the simulator's HTTP parsing and writing count as added;\n   nominal = RPC time minus calls x configured latency)\n  a bare API call from the bench adds {} ms over the simulator's time ({} ms over the handler's): the HTTP + loopback floor\n  driver CPU: {} us per RPC, {} us per API call",
+            "  (added = RPC time minus the simulator's own time serving its API calls, from each request read to its reply written;\n   handler = the same minus only the API handler's time, so the simulator's HTTP parsing and writing count as added;\n   nominal = RPC time minus calls x configured latency)\n  a bare API call from the bench adds {} ms over the simulator's time ({} ms over the handler's): the HTTP + loopback floor\n  an RPC without API calls (ControllerGetCapabilities) takes {} ms p50, {} ms p99: the gRPC floor\n  driver CPU: {} us per RPC, {} us per API call",
             f(get(s, "bare_client_overhead_ms_per_api_call")),
             f(get(s, "bare_client_overhead_ms_per_api_call_vs_handler")),
+            f(get(s, "rpc_without_api_calls_ms.p50")),
+            f(get(s, "rpc_without_api_calls_ms.p99")),
             f(get(s, "driver_cpu_us_per_rpc")),
             f(get(s, "driver_cpu_us_per_api_call"))
         );
