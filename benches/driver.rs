@@ -28,10 +28,54 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
 
-/// The driver binary to measure: the one cargo built, or `LUNANODE_CSI_BENCH_BIN` (e.g. a
-/// statically linked build, or one from another commit, to compare against).
+/// The driver binary to measure, chosen once in `main`.
+static DRIVER_BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn driver_bin() -> String {
-    std::env::var("LUNANODE_CSI_BENCH_BIN").unwrap_or_else(|_| BIN.to_string())
+    DRIVER_BIN.get().cloned().unwrap_or_else(|| BIN.to_string())
+}
+
+/// `LUNANODE_CSI_BENCH_BIN` (a static build, another commit's…) or else the binary as
+/// shipped. The one `cargo bench` builds is not that: cargo unifies dev-dependency
+/// features into it (tokio's multi-thread scheduler, which the tests use, and with it
+/// libm), so its size and memory are not the release binary's. A full run therefore
+/// builds `cargo build --release` into its own target directory (once; later runs are
+/// incremental) and measures that.
+fn pick_driver_bin(smoke: bool) -> String {
+    if let Ok(bin) = std::env::var("LUNANODE_CSI_BENCH_BIN") {
+        return bin;
+    }
+    if smoke {
+        return BIN.to_string();
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("target"))
+        .join("shipped");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!(
+        "building the shipped binary (`cargo build --release`, no dev-dependency features) into {}",
+        target.display()
+    );
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bin",
+            "lunanode-csi",
+            "--manifest-path",
+        ])
+        .arg(manifest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --release failed");
+    target
+        .join("release/lunanode-csi")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -1331,6 +1375,7 @@ fn main() {
     } else if args.quick {
         args = args.quick();
     }
+    DRIVER_BIN.set(pick_driver_bin(smoke)).unwrap();
     let out = args.out.clone().unwrap_or_else(|| {
         let target_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
