@@ -245,11 +245,16 @@ impl MemSampler {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let (mut anon, mut file, mut fds) = (0, 0, 0);
-            while !flag.load(Ordering::Relaxed) {
+            // Sample at least once, so a run that skips every phase still reports the
+            // driver as it is rather than zeros.
+            loop {
                 anon = anon.max(rss_kib(pid, "RssAnon").unwrap_or(0));
                 file = file.max(rss_kib(pid, "RssFile").unwrap_or(0));
                 let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
                 fds = fds.max(open);
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
             (anon, file, fds)
