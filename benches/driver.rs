@@ -37,15 +37,16 @@ fn driver_bin() -> String {
 
 /// `LUNANODE_CSI_BENCH_BIN` (a static build, another commit's…) or else the binary as
 /// shipped. The one `cargo bench` builds is not that: cargo unifies dev-dependency
-/// features into it (tokio's multi-thread scheduler, which the tests use, and with it
-/// libm), so its size and memory are not the release binary's. A full run therefore
+/// features into it (tokio's multi-thread scheduler, which the tests use), so its size and
+/// memory are not the release binary's. A full run therefore
 /// builds `cargo build --release` into its own target directory (once; later runs are
-/// incremental) and measures that.
-fn pick_driver_bin(smoke: bool) -> String {
+/// incremental) and measures that. Smoke and `--quick` runs, whose figures mean nothing,
+/// skip that build and use the binary cargo built.
+fn pick_driver_bin(figures_matter: bool) -> String {
     if let Ok(bin) = std::env::var("LUNANODE_CSI_BENCH_BIN") {
         return bin;
     }
-    if smoke {
+    if !figures_matter {
         return BIN.to_string();
     }
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -1372,6 +1373,7 @@ async fn bench(args: Args) -> Value {
 fn main() {
     let mut args = Args::parse();
     let smoke = !args.bench;
+    let figures_matter = !smoke && !args.quick;
     if smoke {
         // `cargo test --benches`: prove it runs and writes JSON; no loop devices.
         args = args.quick();
@@ -1380,7 +1382,7 @@ fn main() {
     } else if args.quick {
         args = args.quick();
     }
-    DRIVER_BIN.set(pick_driver_bin(smoke)).unwrap();
+    DRIVER_BIN.set(pick_driver_bin(figures_matter)).unwrap();
     let out = args.out.clone().unwrap_or_else(|| {
         let target_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
