@@ -625,40 +625,16 @@ fn request_json(api_id: &str, partial_key: &str, params: &[(&'static str, String
     String::from_utf8(out).expect("JSON of strings is UTF-8")
 }
 
-/// An `application/x-www-form-urlencoded` body, sized once: letters, digits and `*-._`
-/// as they are, space as `+`, every other byte as `%XX` (what browsers and
-/// `serde_urlencoded` send).
+/// An `application/x-www-form-urlencoded` body (what reqwest's `.form()` sends), written
+/// into one buffer sized for the worst case instead of through serde.
 fn form(fields: &[(&str, &str)]) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let len: usize = fields
         .iter()
         .map(|(k, v)| 2 + 3 * (k.len() + v.len()))
         .sum();
-    let mut out = Vec::with_capacity(len);
-    for (i, (k, v)) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(b'&');
-        }
-        for (j, part) in [k, v].into_iter().enumerate() {
-            if j > 0 {
-                out.push(b'=');
-            }
-            for &b in part.as_bytes() {
-                match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
-                        out.push(b)
-                    }
-                    b' ' => out.push(b'+'),
-                    _ => out.extend_from_slice(&[
-                        b'%',
-                        HEX[usize::from(b >> 4)],
-                        HEX[usize::from(b & 15)],
-                    ]),
-                }
-            }
-        }
-    }
-    String::from_utf8(out).expect("the encoding is ASCII")
+    form_urlencoded::Serializer::new(String::with_capacity(len))
+        .extend_pairs(fields)
+        .finish()
 }
 
 fn without_url(e: &reqwest::Error) -> String {

@@ -207,42 +207,10 @@ pub fn parse_req(req: &str) -> Option<Params> {
 }
 
 /// Parse `application/x-www-form-urlencoded` (the last value of a repeated key wins).
+/// Malformed `%` escapes are kept as they are and invalid UTF-8 is replaced, as a lenient
+/// server does.
 pub fn parse_form(body: &[u8]) -> HashMap<String, String> {
-    body.split(|b| *b == b'&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let mut it = kv.splitn(2, |b| *b == b'=');
-            let k = decode(it.next().unwrap_or_default());
-            let v = decode(it.next().unwrap_or_default());
-            (k, v)
-        })
-        .collect()
-}
-
-fn decode(s: &[u8]) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                match (
-                    s.get(i + 1).copied().and_then(hex),
-                    s.get(i + 2).copied().and_then(hex),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(body).into_owned().collect()
 }
 
 /// The simulator's listener: sets `TCP_NODELAY` on each connection (axum's `serve` does not)
@@ -298,7 +266,11 @@ impl Timed {
         }
     }
 
-    fn wrote_some(&mut self) {
+    /// Called with every write's outcome; only bytes actually written count.
+    fn wrote(&mut self, r: &std::task::Poll<std::io::Result<usize>>) {
+        if !matches!(r, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            return;
+        }
         if let Some(since) = self.since {
             let now = Instant::now();
             let nanos = u64::try_from((now - since).as_nanos()).unwrap_or(u64::MAX);
@@ -335,9 +307,7 @@ impl tokio::io::AsyncWrite for Timed {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.wrote_some();
-        }
+        this.wrote(&r);
         r
     }
 
@@ -348,9 +318,7 @@ impl tokio::io::AsyncWrite for Timed {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.wrote_some();
-        }
+        this.wrote(&r);
         r
     }
 
