@@ -1,6 +1,6 @@
 //! The command line: `serve`, `sim`, and the operator commands.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -8,16 +8,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::driver::node_id::{DEFAULT_DMI_PATH, DEFAULT_METADATA_URL, resolve_node_id};
-use crate::driver::{
-    ControllerConfig, ControllerService, IdentityService, NodeConfig, NodeService,
-};
-use crate::lunanode::{Client, ClientConfig, Credentials};
-use crate::server::{self, Endpoint};
+use crate::command::{ApiArgs, CommandError};
+use crate::driver::node_id::{self, IdentitySettings, NodeIdLookup};
+use crate::driver::{ControllerConfig, NodeConfig};
+use crate::lunanode::{Client, Credentials};
+use crate::server::{self, Endpoint, csi_router};
 use crate::telemetry::{self, LogFormat};
-
-/// The client-side API rate limit against the real cloud, requests per second.
-const DEFAULT_QPS: f64 = 10.0;
 
 /// Kubernetes CSI driver for Luna Node block-storage volumes.
 #[derive(Debug, Parser)]
@@ -114,62 +110,6 @@ pub struct ServeArgs {
     pub node: NodeArgs,
 }
 
-/// How to reach the Luna Node API (shared by `serve` and the operator commands).
-#[derive(Debug, Clone, Args)]
-pub struct ApiArgs {
-    /// Luna Node API base URL.
-    #[arg(long, env = "LUNANODE_API_URL", default_value = crate::lunanode::DEFAULT_BASE_URL)]
-    pub api_url: String,
-    /// File holding the API ID (e.g. a mounted Secret); else LUNANODE_API_ID.
-    #[arg(long, env = "LUNANODE_API_ID_FILE")]
-    pub api_id_file: Option<PathBuf>,
-    /// File holding the API key (e.g. a mounted Secret); else LUNANODE_API_KEY.
-    #[arg(long, env = "LUNANODE_API_KEY_FILE")]
-    pub api_key_file: Option<PathBuf>,
-    /// Client-side rate limit for API requests, per second; 0 = off
-    /// [default: 10, or off with --sim, whose simulator has no limit unless asked]
-    #[arg(long, env = "LUNANODE_API_QPS")]
-    pub qps: Option<f64>,
-    /// Requests allowed in a burst above the rate limit.
-    #[arg(long, env = "LUNANODE_API_BURST", default_value_t = 20)]
-    pub burst: u32,
-    /// API requests on the wire at once (0 = no bound); bounds connections and memory when
-    /// many RPCs arrive together.
-    #[arg(long, env = "LUNANODE_API_MAX_IN_FLIGHT", default_value_t = 16)]
-    pub api_max_in_flight: usize,
-    /// Timeout of one API request, in seconds.
-    #[arg(long, env = "LUNANODE_API_TIMEOUT_SECS", default_value_t = 30)]
-    pub api_timeout_secs: u64,
-}
-
-impl ApiArgs {
-    /// Build a client from these settings and the credentials in the environment or files.
-    pub fn client(&self) -> Result<Client, CliError> {
-        let creds = Credentials::load(
-            self.api_id_file.as_deref(),
-            self.api_key_file.as_deref(),
-            std::env::var("LUNANODE_API_ID").ok().as_deref(),
-            std::env::var("LUNANODE_API_KEY").ok().as_deref(),
-        )
-        .map_err(|e| CliError::Config(e.to_string()))?;
-        self.client_with(creds, &self.api_url, DEFAULT_QPS)
-    }
-
-    fn client_with(
-        &self,
-        creds: Credentials,
-        url: &str,
-        default_qps: f64,
-    ) -> Result<Client, CliError> {
-        let mut cfg = ClientConfig::new(url, creds);
-        cfg.qps = self.qps.unwrap_or(default_qps);
-        cfg.burst = self.burst;
-        cfg.max_in_flight = self.api_max_in_flight;
-        cfg.request_timeout = Duration::from_secs(self.api_timeout_secs.max(1));
-        Client::new(cfg).map_err(|e| CliError::Config(e.to_string()))
-    }
-}
-
 /// Controller settings.
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
@@ -196,16 +136,16 @@ pub struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    fn config(&self) -> Result<ControllerConfig, CliError> {
+    fn config(&self) -> Result<ControllerConfig, CommandError> {
         if !self.regions.contains(&self.default_region) {
-            return Err(CliError::Config(format!(
+            return Err(CommandError::Config(format!(
                 "--default-region {} is not among --regions {}",
                 self.default_region,
                 self.regions.join(",")
             )));
         }
         if self.min_volume_size_gb == 0 || self.min_volume_size_gb > self.max_volume_size_gb {
-            return Err(CliError::Config(
+            return Err(CommandError::Config(
                 "volume size bounds must satisfy 1 <= min <= max".into(),
             ));
         }
@@ -225,11 +165,20 @@ impl ControllerArgs {
 /// Node settings.
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
-    /// This node's Luna Node VM ID (default: from the metadata service, else SMBIOS UUID).
+    /// This node's Luna Node VM ID (default: looked up as --node-id-source says).
     #[arg(long, env = "LUNANODE_NODE_ID")]
     pub node_id: Option<String>,
-    /// This node's region, reported as topology (default: asked from the cloud when
-    /// credentials are present).
+    /// Where to look up the VM ID when --node-id is unset: `auto` (metadata service, else
+    /// SMBIOS), `metadata` or `smbios` (never touches the network).
+    #[arg(
+        long,
+        env = "LUNANODE_NODE_ID_SOURCE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub node_id_source: NodeIdLookup,
+    /// This node's region, reported as topology. Required unless the node has API
+    /// credentials to ask the cloud (vm/info); without either the node does not start.
     #[arg(long, env = "LUNANODE_REGION")]
     pub region: Option<String>,
     /// Where udev puts the disk links.
@@ -244,41 +193,34 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
-    /// The node's identity and settings. The node ID comes from the flag, else the
-    /// metadata service, else SMBIOS; the region from the flag, else the cloud when a
-    /// client is available (the node itself needs no credentials).
-    async fn config(&self, client: Option<&Client>) -> Result<NodeConfig, CliError> {
-        let (node_id, source) = resolve_node_id(
-            self.node_id.clone(),
-            DEFAULT_METADATA_URL,
-            Path::new(DEFAULT_DMI_PATH),
-        )
-        .await
-        .map_err(|e| CliError::Config(e.to_string()))?;
-        tracing::info!(node_id, source = %source, "node ID");
-        let region = match (&self.region, client) {
-            (Some(r), _) => Some(r.clone()),
-            (None, Some(c)) => match c.vm_info(&node_id).await {
-                Ok(vm) if !vm.region.is_empty() => Some(vm.region),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot learn this node's region from the cloud; set --region");
-                    None
-                }
-            },
-            (None, None) => None,
+    /// The node's identity (see [`node_id::resolve`]) and settings; `cloud` is asked for
+    /// the region only when none is set.
+    async fn config(
+        &self,
+        regions: &[String],
+        cloud: Option<&Client>,
+    ) -> Result<NodeConfig, CommandError> {
+        let settings = IdentitySettings {
+            node_id: self.node_id.clone(),
+            lookup: self.node_id_source,
+            region: self.region.clone(),
+            regions: regions.to_vec(),
         };
-        if region.is_none() {
-            tracing::warn!(
-                "node region unknown: volumes will not be placed by topology; set --region"
-            );
-        }
+        let id = node_id::resolve(&settings, cloud)
+            .await
+            .map_err(|e| CommandError::Config(e.to_string()))?;
+        tracing::info!(
+            node_id = id.node_id,
+            node_id_source = %id.node_id_source,
+            region = id.region,
+            region_source = %id.region_source,
+            "node identity"
+        );
         Ok(NodeConfig {
-            region,
             by_id_dir: self.by_id_dir.clone(),
             max_volumes_per_node: self.max_volumes_per_node,
             device_wait: Duration::from_secs(self.device_wait_secs),
-            ..NodeConfig::new(node_id)
+            ..NodeConfig::new(id.node_id, id.region)
         })
     }
 }
@@ -308,32 +250,23 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Config(msg)) => {
+        Err(CommandError::Config(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(2)
         }
-        Err(CliError::Runtime(msg)) => {
+        Err(CommandError::Runtime(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(1)
         }
     }
 }
 
-/// A command's failure: configuration errors exit 2, runtime errors exit 1.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Runtime(String),
-}
-
-async fn run(command: Command) -> Result<(), CliError> {
+async fn run(command: Command) -> Result<(), CommandError> {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::Sim(args) => crate::sim::run(args)
             .await
-            .map_err(|e| CliError::Runtime(e.to_string())),
+            .map_err(|e| CommandError::Runtime(e.to_string())),
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Volume(c) => crate::ops::volume(c).await,
         Command::Snapshot(c) => crate::ops::snapshot(c).await,
@@ -342,11 +275,11 @@ async fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), CliError> {
+async fn serve(args: ServeArgs) -> Result<(), CommandError> {
     let endpoint: Endpoint = args
         .endpoint
         .parse()
-        .map_err(|e: server::ServeError| CliError::Config(e.to_string()))?;
+        .map_err(|e: server::ServeError| CommandError::Config(e.to_string()))?;
     let controller_on = matches!(args.mode, Mode::All | Mode::Controller);
     let node_on = matches!(args.mode, Mode::All | Mode::Node);
     let controller_cfg = args.controller.config()?;
@@ -378,16 +311,18 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             .vms
             .first()
             .cloned()
-            .ok_or_else(|| CliError::Runtime("simulator started without a VM".into()))?;
+            .ok_or_else(|| CommandError::Runtime("simulator started without a VM".into()))?;
         node.node_id.get_or_insert(vm.id);
         node.region.get_or_insert(vm.region);
         node.by_id_dir = handle.by_id_dir.clone();
         let creds = Credentials::new(&handle.api_id, &handle.api_key)
-            .map_err(|e| CliError::Runtime(e.to_string()))?;
+            .map_err(|e| CommandError::Runtime(e.to_string()))?;
         let client = args.api.client_with(creds, &handle.url, 0.0)?;
         sim = Some(handle);
         Some(client)
-    } else if controller_on {
+    } else if controller_on || args.api.credentials_offered() {
+        // A node-only plugin needs no credentials; given some (opt-in), it asks the cloud
+        // for its region when none is set.
         Some(args.api.client()?)
     } else {
         None
@@ -399,17 +334,21 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         _ => None,
     };
     let node_cfg = match node_on {
-        true => Some(node.config(client.as_ref()).await?),
+        true => Some(
+            node.config(&args.controller.regions, client.as_ref())
+                .await?,
+        ),
         false => None,
     };
-    let router = csi_router(controller, node_cfg, ready.clone(), metrics.clone())?;
+    let router = csi_router(controller, node_cfg, ready.clone(), metrics.clone())
+        .map_err(|e| CommandError::Config(e.to_string()))?;
     let listener = match endpoint.bind() {
         Ok(l) => l,
         Err(e) => {
             if let Some(s) = sim {
                 s.shutdown().await;
             }
-            return Err(CliError::Config(e.to_string()));
+            return Err(CommandError::Config(e.to_string()));
         }
     };
     ready.store(true, std::sync::atomic::Ordering::Release);
@@ -428,61 +367,22 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(s) = sim {
         s.shutdown().await;
     }
-    result.map_err(|e| CliError::Runtime(e.to_string()))?;
+    result.map_err(|e| CommandError::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The CSI services of one driver process: Identity always, the Controller when given a
-/// client and its settings, the Node when given its settings, all reporting to `metrics`
-/// when given. `serve` and `demo` both build their servers here, so the demo runs exactly
-/// what a deployment runs.
-pub fn csi_router(
-    controller: Option<(Client, ControllerConfig)>,
-    node: Option<NodeConfig>,
-    ready: Arc<AtomicBool>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
-) -> Result<tonic::transport::server::Router, CliError> {
-    let mut identity = IdentityService::new(controller.is_some(), ready);
-    if let Some(m) = &metrics {
-        identity = identity.with_metrics(m.clone());
-    }
-    let controller = controller.map(|(client, cfg)| {
-        let svc = match &metrics {
-            Some(m) => {
-                ControllerService::new(client.with_metrics(m.clone()), cfg).with_metrics(m.clone())
-            }
-            None => ControllerService::new(client, cfg),
-        };
-        crate::csi::controller_server::ControllerServer::new(svc)
-    });
-    let node = match node {
-        Some(cfg) => {
-            let mut svc = NodeService::new(cfg).map_err(|e| CliError::Config(e.to_string()))?;
-            if let Some(m) = &metrics {
-                svc = svc.with_metrics(m.clone());
-            }
-            Some(crate::csi::node_server::NodeServer::new(svc))
-        }
-        None => None,
-    };
-    Ok(tonic::transport::Server::builder()
-        .add_service(crate::csi::identity_server::IdentityServer::new(identity))
-        .add_optional_service(controller)
-        .add_optional_service(node))
 }
 
 /// Bind the metrics endpoint (a bad address is a configuration error) and serve it in the
 /// background until the process ends.
 async fn start_metrics(
     addr: std::net::SocketAddr,
-) -> Result<(Arc<crate::metrics::Metrics>, tokio::task::JoinHandle<()>), CliError> {
+) -> Result<(Arc<crate::metrics::Metrics>, tokio::task::JoinHandle<()>), CommandError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| CliError::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
+        .map_err(|e| CommandError::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
     let bound = listener
         .local_addr()
-        .map_err(|e| CliError::Runtime(format!("metrics listener has no address: {e}")))?;
+        .map_err(|e| CommandError::Runtime(format!("metrics listener has no address: {e}")))?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let m = metrics.clone();
     let task = tokio::spawn(async move {
@@ -497,7 +397,7 @@ async fn start_metrics(
 async fn start_embedded_sim(
     backing: crate::sim::Backing,
     state_dir: Option<PathBuf>,
-) -> Result<crate::sim::SimHandle, CliError> {
+) -> Result<crate::sim::SimHandle, CommandError> {
     // An empty state dir makes the simulator use a temporary one that it removes at exit.
     let cfg = crate::sim::SimConfig {
         backing,
@@ -510,5 +410,5 @@ async fn start_embedded_sim(
     };
     crate::sim::SimHandle::start(cfg)
         .await
-        .map_err(|e| CliError::Runtime(format!("cannot start the simulator: {e}")))
+        .map_err(|e| CommandError::Runtime(format!("cannot start the simulator: {e}")))
 }

@@ -11,8 +11,11 @@
 //! - [`server`]: serving the CSI services on a unix socket, with graceful shutdown.
 //! - [`demo`] and [`ops`]: `lunanode-csi demo` (the driver end to end on one machine) and
 //!   the operator commands (`volume`, `snapshot`, `vm`, `image`).
+//! - [`cli`]: the command line, on top of everything; [`command`] holds what the
+//!   subcommands share (exit-code errors, API client settings), so nothing imports `cli`.
 
 pub mod cli;
+pub mod command;
 pub mod demo;
 pub mod driver;
 pub mod lunanode;

@@ -11,10 +11,57 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::driver::{
+    ControllerConfig, ControllerService, IdentityService, NodeConfig, NodeService,
+};
+use crate::lunanode::Client;
+use crate::metrics::Metrics;
+
+/// The CSI services of one driver process: Identity always, the Controller when given a
+/// client and its settings, the Node when given its settings, all reporting to `metrics`
+/// when given. `serve` and `demo` both build their servers here, so the demo runs exactly
+/// what a deployment runs. A Node configuration the service refuses is the error.
+pub fn csi_router(
+    controller: Option<(Client, ControllerConfig)>,
+    node: Option<NodeConfig>,
+    ready: Arc<AtomicBool>,
+    metrics: Option<Arc<Metrics>>,
+) -> crate::driver::error::Result<tonic::transport::server::Router> {
+    let mut identity = IdentityService::new(controller.is_some(), ready);
+    if let Some(m) = &metrics {
+        identity = identity.with_metrics(m.clone());
+    }
+    let controller = controller.map(|(client, cfg)| {
+        let svc = match &metrics {
+            Some(m) => {
+                ControllerService::new(client.with_metrics(m.clone()), cfg).with_metrics(m.clone())
+            }
+            None => ControllerService::new(client, cfg),
+        };
+        crate::csi::controller_server::ControllerServer::new(svc)
+    });
+    let node = match node {
+        Some(cfg) => {
+            let mut svc = NodeService::new(cfg)?;
+            if let Some(m) = &metrics {
+                svc = svc.with_metrics(m.clone());
+            }
+            Some(crate::csi::node_server::NodeServer::new(svc))
+        }
+        None => None,
+    };
+    Ok(tonic::transport::Server::builder()
+        .add_service(crate::csi::identity_server::IdentityServer::new(identity))
+        .add_optional_service(controller)
+        .add_optional_service(node))
+}
 
 /// Where the gRPC server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]

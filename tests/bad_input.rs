@@ -1262,7 +1262,7 @@ async fn every_rpc_refuses_malformed_input_with_the_spec_code_and_changes_nothin
         .unwrap()
         .id
         .clone();
-    let mut ncfg = NodeConfig::new(node.clone());
+    let mut ncfg = NodeConfig::new(node.clone(), "toronto");
     ncfg.by_id_dir = dir.path().join("by-id");
     ncfg.device_wait = std::time::Duration::from_millis(200);
     std::fs::create_dir_all(&ncfg.by_id_dir).unwrap();

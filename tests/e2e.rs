@@ -182,10 +182,9 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
 
     // The same router `serve --mode all` builds.
     let node_cfg = NodeConfig {
-        region: Some(vm.region.clone()),
         by_id_dir: sim.by_id_dir.clone(),
         device_wait: Duration::from_secs(10),
-        ..NodeConfig::new(vm.id.clone())
+        ..NodeConfig::new(vm.id.clone(), vm.region.clone())
     };
     let mut served = Served::start(
         root.join("csi/csi.sock"),

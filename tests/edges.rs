@@ -164,7 +164,7 @@ async fn lost_mount_is_abnormal_and_busy_mounts_are_not_forced() {
     let mut scfg = common::sim_config(dir.path());
     scfg.backing = Backing::Loop;
     let sim = SimHandle::start(scfg).await.unwrap();
-    let mut ncfg = NodeConfig::new(vm(&sim, "node-a"));
+    let mut ncfg = NodeConfig::new(vm(&sim, "node-a"), "toronto");
     ncfg.by_id_dir = sim.by_id_dir.clone();
     ncfg.device_wait = Duration::from_secs(5);
     let d = Driver::start(

@@ -26,8 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 type Client = NodeClient<Channel>;
 
 async fn start(fx: &Fixture, device_wait: Duration) -> Client {
-    let mut cfg = NodeConfig::new("vm-test-1");
-    cfg.region = Some("toronto".into());
+    let mut cfg = NodeConfig::new("vm-test-1", "toronto");
     cfg.by_id_dir = fx.by_id.clone();
     cfg.device_wait = device_wait;
     let svc = NodeService::new(cfg).unwrap();

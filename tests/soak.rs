@@ -376,7 +376,7 @@ async fn soak_round(node: bool, seed: u64) {
     sim.set_fault_kinds(&FaultKind::ALL);
     let vm = |n: &str| sim.vms.iter().find(|v| v.name == n).unwrap().id.clone();
 
-    let mut ncfg = NodeConfig::new(vm("node-a"));
+    let mut ncfg = NodeConfig::new(vm("node-a"), "toronto");
     ncfg.by_id_dir = sim.by_id_dir.clone();
     ncfg.device_wait = Duration::from_secs(10);
     let mut ccfg = common::controller_config();

@@ -167,10 +167,9 @@ impl Env {
         ccfg.backoff.max = Duration::from_millis(500);
         ccfg.default_timeout = Duration::from_secs(120);
         let node_cfg = |vm: &SimVm| NodeConfig {
-            region: Some(vm.region.clone()),
             by_id_dir: sim.by_id_dir.clone(),
             device_wait: Duration::from_secs(20),
-            ..NodeConfig::new(vm.id.clone())
+            ..NodeConfig::new(vm.id.clone(), vm.region.clone())
         };
         let tor = sim.vms.first().cloned().ok_or("the simulator has no VM")?;
         let mut servers = Vec::new();
@@ -180,7 +179,7 @@ impl Env {
         for (i, vm) in [tor, mtl].into_iter().enumerate() {
             let controller = (i == 0).then(|| (client.clone(), ccfg.clone()));
             let ready = Arc::new(AtomicBool::new(true));
-            let router = crate::cli::csi_router(controller, Some(node_cfg(&vm)), ready, None)
+            let router = crate::server::csi_router(controller, Some(node_cfg(&vm)), ready, None)
                 .map_err(|e| e.to_string())?;
             let socket = sockets.join(format!("{}.sock", vm.name));
             servers.push(spawn_server(router, &socket)?);

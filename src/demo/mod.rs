@@ -18,7 +18,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tonic::Request;
 
-use crate::cli::CliError;
+use crate::command::CommandError;
 use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 use crate::csi::*;
 use crate::sim::Backing;
@@ -52,11 +52,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(90);
 const NO_DISKS: &str = "memory backing: volumes have no devices to format or mount";
 
 /// Run the demo. Exit 0 only when every step held.
-pub async fn run(args: DemoArgs) -> Result<(), CliError> {
+pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
     let loop_ok = crate::sim::loop_available();
     let backing = match args.backing {
         Some(Backing::Loop) if !loop_ok => {
-            return Err(CliError::Config(
+            return Err(CommandError::Config(
                 "--backing loop needs root, /dev/loop-control and losetup".into(),
             ));
         }
@@ -87,7 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             );
         }
     }
-    let dir = env::make_temp_dir().map_err(CliError::Runtime)?;
+    let dir = env::make_temp_dir().map_err(CommandError::Runtime)?;
     println!("temp dir: {}", dir.display());
     println!();
 
@@ -161,7 +161,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             println!("demo ok: every check held");
             Ok(())
         }
-        Some(f) => Err(CliError::Runtime(format!(
+        Some(f) => Err(CommandError::Runtime(format!(
             "demo failed at step {} ({}): {}",
             f.number, f.name, f.reason
         ))),

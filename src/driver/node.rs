@@ -54,8 +54,10 @@ pub const DEFAULT_DEVICE_WAIT: Duration = Duration::from_secs(60);
 pub struct NodeConfig {
     /// This node's ID: the Luna Node VM ID (see [`super::node_id::resolve_node_id`]).
     pub node_id: String,
-    /// The node's region, reported as the topology segment [`crate::TOPOLOGY_KEY`].
-    pub region: Option<String>,
+    /// The node's region, reported as the topology segment [`crate::TOPOLOGY_KEY`]. Not
+    /// optional: a node without it would leave every claim for it Pending (see
+    /// [`super::node_id::resolve_region`]).
+    pub region: String,
     /// Where `virtio-<serial>` links are found (`/dev/disk/by-id`).
     pub by_id_dir: PathBuf,
     /// Reported as `max_volumes_per_node`; must be positive (0 would mean "unlimited").
@@ -65,11 +67,11 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// A configuration with the defaults for everything but the node ID.
-    pub fn new(node_id: impl Into<String>) -> Self {
+    /// A configuration with the defaults for everything but the node ID and region.
+    pub fn new(node_id: impl Into<String>, region: impl Into<String>) -> Self {
         NodeConfig {
             node_id: node_id.into(),
-            region: None,
+            region: region.into(),
             by_id_dir: PathBuf::from(DEFAULT_BY_ID_DIR),
             max_volumes_per_node: DEFAULT_MAX_VOLUMES_PER_NODE,
             device_wait: DEFAULT_DEVICE_WAIT,
@@ -90,6 +92,11 @@ impl NodeService {
     pub fn new(config: NodeConfig) -> Result<Self> {
         if config.node_id.trim().is_empty() {
             return Err(Error::invalid("node ID is empty"));
+        }
+        if config.region.trim().is_empty() {
+            return Err(Error::invalid(
+                "node region is empty: the node would register no topology; set --region",
+            ));
         }
         if config.max_volumes_per_node <= 0 {
             return Err(Error::invalid(format!(
@@ -951,8 +958,11 @@ impl Node for NodeService {
                 ..Default::default()
             },
             async {
-                let accessible_topology = self.cfg.region.as_ref().map(|r| Topology {
-                    segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), r.clone())]),
+                let accessible_topology = Some(Topology {
+                    segments: HashMap::from([(
+                        crate::TOPOLOGY_KEY.to_string(),
+                        self.cfg.region.clone(),
+                    )]),
                 });
                 Ok(NodeGetInfoResponse {
                     node_id: self.cfg.node_id.clone(),
@@ -1065,7 +1075,7 @@ mod tests {
 
     #[tokio::test]
     async fn info_and_capabilities() {
-        let mut cfg = NodeConfig::new("vm-1");
+        let cfg = NodeConfig::new("vm-1", "toronto");
         assert!(
             NodeService::new(NodeConfig {
                 max_volumes_per_node: 0,
@@ -1073,7 +1083,8 @@ mod tests {
             })
             .is_err()
         );
-        cfg.region = Some("toronto".into());
+        let err = NodeService::new(NodeConfig::new("vm-1", " ")).unwrap_err();
+        assert!(err.to_string().contains("no topology"), "{err}");
         let svc = NodeService::new(cfg).unwrap();
         let info = svc
             .node_get_info(Request::new(NodeGetInfoRequest {}))
@@ -1096,7 +1107,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_call_on_the_same_volume_is_aborted() {
-        let svc = NodeService::new(NodeConfig::new("vm-1")).unwrap();
+        let svc = NodeService::new(NodeConfig::new("vm-1", "toronto")).unwrap();
         let _held = svc.lock("vol-1").unwrap();
         let err = svc
             .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
@@ -1110,7 +1121,7 @@ mod tests {
 
     #[tokio::test]
     async fn stats_of_a_missing_path_is_not_found() {
-        let svc = NodeService::new(NodeConfig::new("vm-1")).unwrap();
+        let svc = NodeService::new(NodeConfig::new("vm-1", "toronto")).unwrap();
         let err = svc
             .node_get_volume_stats(Request::new(NodeGetVolumeStatsRequest {
                 volume_id: "v".into(),

@@ -1,13 +1,24 @@
-//! Which VM is this node? The node ID must be the Luna Node VM ID, because the controller
-//! attaches volumes to it. Sources, in order: an explicit setting, the OpenStack metadata
-//! service (`uuid`), the SMBIOS system UUID. The source used is reported; when none works
-//! the error says what was tried.
+//! Which VM is this node, and in which region? Both are resolved once, at start-up, and
+//! the node plugin does not start without both.
+//!
+//! The node ID must be the Luna Node VM ID, because the controller attaches volumes to it.
+//! Sources, in order: an explicit setting, the OpenStack metadata service (`uuid`), the
+//! SMBIOS system UUID; [`NodeIdLookup`] can restrict the lookup to one of the last two (so
+//! nothing probes the link-local metadata address on hosts that have none).
+//!
+//! The region is reported as the node's topology, and the provisioner refuses to create any
+//! volume for a `WaitForFirstConsumer` claim on a node without it, so a node that cannot
+//! name its region must fail to start rather than register with an empty topology. Sources:
+//! an explicit setting (the chart passes one), else the cloud's `vm/info` for this VM when
+//! the node was given API credentials (opt-in: it puts the account key on every node). The
+//! metadata document is not used: Luna Node does not document a region in it.
 
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use super::error::Error;
+use crate::lunanode::Client;
 
 /// The OpenStack metadata document that carries the VM's `uuid`.
 pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254/openstack/latest/meta_data.json";
@@ -35,6 +46,137 @@ impl fmt::Display for NodeIdSource {
             NodeIdSource::Dmi => "SMBIOS system UUID",
         })
     }
+}
+
+/// Which sources may name the node's VM when no node ID is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NodeIdLookup {
+    /// The metadata service, else the SMBIOS UUID.
+    #[default]
+    Auto,
+    /// Only the OpenStack metadata service.
+    Metadata,
+    /// Only the SMBIOS system UUID (never touches the network).
+    Smbios,
+}
+
+/// Where the region came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionSource {
+    /// The `--region` setting.
+    Explicit,
+    /// The cloud's `vm/info` for this node's VM.
+    Cloud,
+}
+
+impl fmt::Display for RegionSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RegionSource::Explicit => "explicit setting",
+            RegionSource::Cloud => "the cloud's vm/info",
+        })
+    }
+}
+
+/// What the node was told about itself: each `None` is looked up.
+#[derive(Debug, Clone, Default)]
+pub struct IdentitySettings {
+    /// The VM ID, when set explicitly.
+    pub node_id: Option<String>,
+    /// Where to look for the VM ID when it is not set.
+    pub lookup: NodeIdLookup,
+    /// The region, when set explicitly.
+    pub region: Option<String>,
+    /// The regions the driver manages; the node's must be one of them.
+    pub regions: Vec<String>,
+}
+
+/// This node's VM ID and region, and where each came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub node_id: String,
+    pub node_id_source: NodeIdSource,
+    pub region: String,
+    pub region_source: RegionSource,
+}
+
+/// Resolve the node's VM ID (see [`resolve_node_id`]), then its region (see
+/// [`resolve_region`]), from the real metadata service and SMBIOS, asking `cloud` for the
+/// region only when it is not set.
+pub async fn resolve(
+    settings: &IdentitySettings,
+    cloud: Option<&Client>,
+) -> Result<NodeIdentity, Error> {
+    let (node_id, node_id_source) = resolve_node_id(
+        settings.node_id.clone(),
+        settings.lookup,
+        DEFAULT_METADATA_URL,
+        Path::new(DEFAULT_DMI_PATH),
+    )
+    .await?;
+    let (region, region_source) =
+        resolve_region(settings.region.clone(), &node_id, cloud, &settings.regions).await?;
+    Ok(NodeIdentity {
+        node_id,
+        node_id_source,
+        region,
+        region_source,
+    })
+}
+
+/// What to tell an operator whose node has no region.
+const SET_REGION: &str = "Set --region (LUNANODE_REGION); with the Helm chart, set the value \
+     `region` (the one region of the cluster's nodes) or `node.regions` (one node DaemonSet \
+     per region, on nodes labelled with their region)";
+
+/// Resolve the node's region: `explicit` (when non-empty) wins, else the cloud's `vm/info`
+/// for `node_id` when a client is given. It must be one of `regions`. Every failure is an
+/// error that names the setting to set: a node without a region would register no topology
+/// and leave every `WaitForFirstConsumer` claim Pending.
+pub async fn resolve_region(
+    explicit: Option<String>,
+    node_id: &str,
+    cloud: Option<&Client>,
+    regions: &[String],
+) -> Result<(String, RegionSource), Error> {
+    let explicit = explicit
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let (region, source) = match (explicit, cloud) {
+        (Some(r), _) => (r, RegionSource::Explicit),
+        (None, Some(client)) => match client.vm_info(node_id).await {
+            Ok(vm) if !vm.region.trim().is_empty() => {
+                (vm.region.trim().to_string(), RegionSource::Cloud)
+            }
+            Ok(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot determine this node's region: the cloud's vm/info for VM {node_id} \
+                     names none. {SET_REGION}"
+                )));
+            }
+            Err(e) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot determine this node's region: asking the cloud for VM {node_id} \
+                     failed: {e}. {SET_REGION}"
+                )));
+            }
+        },
+        (None, None) => {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot determine this node's region: none was set, and the node plugin has \
+                 no API credentials to ask the cloud. Without a region the node would \
+                 register no topology and no claim could be provisioned for it. {SET_REGION}"
+            )));
+        }
+    };
+    if !regions.contains(&region) {
+        return Err(Error::FailedPrecondition(format!(
+            "this node's region {region:?} (from the {source}) is not one of the regions the \
+             driver manages ({}); set --region to one of them, or add it to --regions",
+            regions.join(", ")
+        )));
+    }
+    Ok((region, source))
 }
 
 async fn from_metadata(url: &str) -> Result<String, String> {
@@ -82,10 +224,12 @@ fn from_dmi(path: &Path) -> Result<String, String> {
     Ok(id)
 }
 
-/// Resolve the node ID: `explicit` (when non-empty) wins, else the metadata service at
-/// `metadata_url`, else the UUID in `dmi_path` (lowercased).
+/// Resolve the node ID: `explicit` (when non-empty) wins, else the sources `lookup`
+/// allows: the metadata service at `metadata_url`, then the UUID in `dmi_path`
+/// (lowercased).
 pub async fn resolve_node_id(
     explicit: Option<String>,
+    lookup: NodeIdLookup,
     metadata_url: &str,
     dmi_path: &Path,
 ) -> Result<(String, NodeIdSource), Error> {
@@ -95,20 +239,27 @@ pub async fn resolve_node_id(
     {
         return Ok((id, NodeIdSource::Explicit));
     }
-    let meta_err = match from_metadata(metadata_url).await {
-        Ok(id) => return Ok((id, NodeIdSource::MetadataService)),
-        Err(e) => e,
-    };
-    tracing::debug!(url = metadata_url, error = %meta_err, "metadata service gave no node ID");
-    let dmi_err = match from_dmi(dmi_path) {
-        Ok(id) => return Ok((id, NodeIdSource::Dmi)),
-        Err(e) => e,
-    };
+    let mut tried = Vec::new();
+    if lookup != NodeIdLookup::Smbios {
+        match from_metadata(metadata_url).await {
+            Ok(id) => return Ok((id, NodeIdSource::MetadataService)),
+            Err(e) => {
+                tracing::debug!(url = metadata_url, error = %e, "metadata service gave no node ID");
+                tried.push(format!("metadata service {metadata_url}: {e}"));
+            }
+        }
+    }
+    if lookup != NodeIdLookup::Metadata {
+        match from_dmi(dmi_path) {
+            Ok(id) => return Ok((id, NodeIdSource::Dmi)),
+            Err(e) => tried.push(format!("{}: {e}", dmi_path.display())),
+        }
+    }
     Err(Error::FailedPrecondition(format!(
-        "cannot determine this node's ID (the Luna Node VM ID): no node ID was set; \
-         metadata service {metadata_url}: {meta_err}; {}: {dmi_err}. \
-         Set the node ID explicitly (--node-id)",
-        dmi_path.display()
+        "cannot determine this node's ID (the Luna Node VM ID): no node ID was set; {}. \
+         Set the node ID explicitly (--node-id), or choose another source \
+         (--node-id-source; chart value node.idSource)",
+        tried.join("; ")
     )))
 }
 
@@ -148,9 +299,14 @@ mod tests {
     #[tokio::test]
     async fn explicit_wins() {
         let dmi = dmi_file(DMI);
-        let (id, src) = resolve_node_id(Some(" vm-1 ".into()), &dead_url(), dmi.path())
-            .await
-            .unwrap();
+        let (id, src) = resolve_node_id(
+            Some(" vm-1 ".into()),
+            NodeIdLookup::Auto,
+            &dead_url(),
+            dmi.path(),
+        )
+        .await
+        .unwrap();
         assert_eq!((id.as_str(), src), ("vm-1", NodeIdSource::Explicit));
     }
 
@@ -162,7 +318,7 @@ mod tests {
         )
         .await;
         let dmi = dmi_file(DMI);
-        let (id, src) = resolve_node_id(Some(String::new()), &url, dmi.path())
+        let (id, src) = resolve_node_id(Some(String::new()), NodeIdLookup::Auto, &url, dmi.path())
             .await
             .unwrap();
         assert_eq!(id, "0d7a5c2e-1111-2222-3333-444455556666");
@@ -178,7 +334,9 @@ mod tests {
             stub(r#"{"name": "n1"}"#, 200).await,
             stub(r#"{"uuid": "x"}"#, 500).await,
         ] {
-            let (id, src) = resolve_node_id(None, &url, dmi.path()).await.unwrap();
+            let (id, src) = resolve_node_id(None, NodeIdLookup::Auto, &url, dmi.path())
+                .await
+                .unwrap();
             assert_eq!(id, "4c4c4544-0042-3510-8056-b4c04f4a4b32", "{url}");
             assert_eq!(src, NodeIdSource::Dmi);
         }
@@ -187,7 +345,7 @@ mod tests {
     #[tokio::test]
     async fn fails_clearly_when_nothing_works() {
         let zeros = dmi_file("00000000-0000-0000-0000-000000000000");
-        let err = resolve_node_id(None, &dead_url(), zeros.path())
+        let err = resolve_node_id(None, NodeIdLookup::Auto, &dead_url(), zeros.path())
             .await
             .unwrap_err();
         let msg = err.to_string();
@@ -196,9 +354,134 @@ mod tests {
             "{msg}"
         );
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        let err = resolve_node_id(None, &dead_url(), Path::new("/nonexistent/uuid"))
+        let err = resolve_node_id(
+            None,
+            NodeIdLookup::Auto,
+            &dead_url(),
+            Path::new("/nonexistent/uuid"),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("--node-id"));
+    }
+
+    #[tokio::test]
+    async fn lookup_restricts_the_sources() {
+        let url = stub(r#"{"uuid": "0d7a5c2e-1111-2222-3333-444455556666"}"#, 200).await;
+        let dmi = dmi_file(DMI);
+        let (id, src) = resolve_node_id(None, NodeIdLookup::Smbios, &url, dmi.path())
+            .await
+            .unwrap();
+        assert_eq!(id, "4c4c4544-0042-3510-8056-b4c04f4a4b32");
+        assert_eq!(
+            src,
+            NodeIdSource::Dmi,
+            "smbios never asks the metadata service"
+        );
+        let (_, src) = resolve_node_id(None, NodeIdLookup::Metadata, &url, dmi.path())
+            .await
+            .unwrap();
+        assert_eq!(src, NodeIdSource::MetadataService);
+
+        // Restricted to one source, its failure is the error: no silent fallback.
+        let err = resolve_node_id(None, NodeIdLookup::Metadata, &dead_url(), dmi.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("metadata service") && !err.contains("product_uuid"),
+            "{err}"
+        );
+        assert!(err.contains("--node-id-source"), "{err}");
+        let err = resolve_node_id(
+            None,
+            NodeIdLookup::Smbios,
+            &url,
+            Path::new("/nonexistent/product_uuid"),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/nonexistent/product_uuid") && !err.contains("metadata"),
+            "{err}"
+        );
+    }
+
+    fn regions() -> Vec<String> {
+        ["toronto", "montreal", "roubaix"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn explicit_region_is_checked_against_the_managed_regions() {
+        let (r, src) = resolve_region(Some(" montreal ".into()), "vm-1", None, &regions())
+            .await
+            .unwrap();
+        assert_eq!((r.as_str(), src), ("montreal", RegionSource::Explicit));
+        let err = resolve_region(Some("toront".into()), "vm-1", None, &regions())
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("--node-id"));
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"toront\"") && msg.contains("toronto, montreal, roubaix"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_region_source_is_an_error_that_names_the_settings() {
+        for explicit in [None, Some(String::new()), Some("  ".into())] {
+            let msg = resolve_region(explicit, "vm-1", None, &regions())
+                .await
+                .unwrap_err()
+                .to_string();
+            for needle in ["--region", "LUNANODE_REGION", "`region`", "node.regions"] {
+                assert!(msg.contains(needle), "{needle} not in {msg}");
+            }
+        }
+    }
+
+    async fn sim_with_vm(region: &str) -> (crate::sim::SimHandle, Client, String) {
+        let sim = crate::sim::SimHandle::start(crate::sim::SimConfig {
+            vms: vec![crate::sim::VmSpec {
+                region: region.into(),
+                name: Some("node-a".into()),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let creds = crate::lunanode::Credentials::new(&sim.api_id, &sim.api_key).unwrap();
+        let client =
+            Client::new(crate::lunanode::ClientConfig::new(sim.url.clone(), creds)).unwrap();
+        let vm = sim.vms[0].id.clone();
+        (sim, client, vm)
+    }
+
+    #[tokio::test]
+    async fn region_from_the_cloud_when_a_client_is_given() {
+        let (sim, client, vm) = sim_with_vm("roubaix").await;
+        let (r, src) = resolve_region(None, &vm, Some(&client), &regions())
+            .await
+            .unwrap();
+        assert_eq!((r.as_str(), src), ("roubaix", RegionSource::Cloud));
+        // The explicit setting wins without asking.
+        let (r, src) = resolve_region(Some("toronto".into()), &vm, Some(&client), &regions())
+            .await
+            .unwrap();
+        assert_eq!((r.as_str(), src), ("toronto", RegionSource::Explicit));
+        // A VM the cloud does not know is an error, not an empty topology.
+        let msg = resolve_region(None, "no-such-vm", Some(&client), &regions())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("no-such-vm") && msg.contains("--region"),
+            "{msg}"
+        );
+        sim.shutdown().await;
     }
 }

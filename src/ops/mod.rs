@@ -13,7 +13,7 @@ use std::str::FromStr;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiArgs, CliError};
+use crate::command::{ApiArgs, CommandError};
 use crate::lunanode::{ApiError, Client, CreateSource, REGIONS, Snapshot, Volume};
 use table::{or_dash, render, render_pairs};
 
@@ -90,15 +90,15 @@ impl FromStr for SnapshotArg {
 
 impl SnapshotArg {
     /// The snapshot's region: from its ID, else `--region`; both must agree.
-    fn region(&self, flag: Option<&str>) -> Result<String, CliError> {
+    fn region(&self, flag: Option<&str>) -> Result<String, CommandError> {
         match (&self.region, flag) {
-            (Some(a), Some(b)) if a != b => Err(CliError::Config(format!(
+            (Some(a), Some(b)) if a != b => Err(CommandError::Config(format!(
                 "snapshot {}/{} is in {a}, but --region says {b}",
                 a, self.uuid
             ))),
             (Some(a), _) => Ok(a.clone()),
             (None, Some(b)) => Ok(b.to_string()),
-            (None, None) => Err(CliError::Config(format!(
+            (None, None) => Err(CommandError::Config(format!(
                 "which region is snapshot {} in? Give --region or the ID as <region>/<uuid>",
                 self.uuid
             ))),
@@ -282,8 +282,8 @@ pub enum ImageCommand {
     },
 }
 
-fn api(e: ApiError) -> CliError {
-    CliError::Runtime(e.to_string())
+fn api(e: ApiError) -> CommandError {
+    CommandError::Runtime(e.to_string())
 }
 
 fn print_json(v: &Value) {
@@ -329,7 +329,7 @@ fn snapshot_json(s: &Snapshot) -> Value {
 
 /// The region of a volume: from its ID when given, else from the volume list
 /// (`volume/info` does not say).
-async fn volume_region(client: &Client, v: &VolumeArg) -> Result<String, CliError> {
+async fn volume_region(client: &Client, v: &VolumeArg) -> Result<String, CommandError> {
     if let Some(r) = &v.region {
         return Ok(r.clone());
     }
@@ -342,7 +342,7 @@ async fn volume_region(client: &Client, v: &VolumeArg) -> Result<String, CliErro
 }
 
 /// `lunanode-csi volume ...`
-pub async fn volume(cmd: VolumeCommand) -> Result<(), CliError> {
+pub async fn volume(cmd: VolumeCommand) -> Result<(), CommandError> {
     match cmd {
         VolumeCommand::List { region, common } => {
             let client = common.api.client()?;
@@ -490,7 +490,7 @@ pub async fn volume(cmd: VolumeCommand) -> Result<(), CliError> {
 }
 
 /// `lunanode-csi snapshot ...`
-pub async fn snapshot(cmd: SnapshotCommand) -> Result<(), CliError> {
+pub async fn snapshot(cmd: SnapshotCommand) -> Result<(), CommandError> {
     match cmd {
         SnapshotCommand::Create {
             volume,
@@ -607,7 +607,7 @@ pub async fn snapshot(cmd: SnapshotCommand) -> Result<(), CliError> {
 }
 
 /// `lunanode-csi vm ...`
-pub async fn vm(cmd: VmCommand) -> Result<(), CliError> {
+pub async fn vm(cmd: VmCommand) -> Result<(), CommandError> {
     let VmCommand::List { common } = cmd;
     let client = common.api.client()?;
     let vms = client.vm_list().await.map_err(api)?;
@@ -630,7 +630,7 @@ pub async fn vm(cmd: VmCommand) -> Result<(), CliError> {
 }
 
 /// `lunanode-csi image ...`
-pub async fn image(cmd: ImageCommand) -> Result<(), CliError> {
+pub async fn image(cmd: ImageCommand) -> Result<(), CommandError> {
     match cmd {
         ImageCommand::List { region, common } => {
             let client = common.api.client()?;

@@ -103,7 +103,7 @@ impl Served {
         node: Option<NodeConfig>,
     ) -> Served {
         let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let router = lunanode_csi::cli::csi_router(controller, node, ready, None).unwrap();
+        let router = lunanode_csi::server::csi_router(controller, node, ready, None).unwrap();
         let endpoint: Endpoint = socket.to_str().unwrap().parse().unwrap();
         let listener = endpoint.bind().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
