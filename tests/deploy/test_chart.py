@@ -60,7 +60,7 @@ UPSTREAM_IMAGES = {
 # The driver's `serve` flags; the chart must not pass anything else.
 DRIVER_FLAGS = {
     "--endpoint", "--mode", "--api-id-file", "--api-key-file", "--api-url",
-    "--default-region", "--region", "--node-id", "--by-id-dir",
+    "--default-region", "--region", "--node-id", "--node-id-source", "--by-id-dir",
     "--max-volumes-per-node", "--log-format", "--log-level", "--metrics-addr",
     "--qps", "--burst", "--api-max-in-flight",
 }
@@ -110,7 +110,7 @@ LEADER_ELECTED = ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapsho
 CUSTOM_VALUES = {
     "credentials": {"existingSecret": "my-lunanode-api"},
     "apiUrl": "https://dynamic.lunanode.com/api",
-    "defaultRegion": "montreal",
+    "region": "montreal",
     "image": {
         "driver": {"repository": "registry.example.com/storage/lunanode-csi", "tag": "dev-1234",
                    "pullPolicy": "Always"},
@@ -125,7 +125,7 @@ CUSTOM_VALUES = {
     "imagePullSecrets": ["mirror-pull"],
     "controller": {"replicas": 1, "qps": 5, "burst": 10, "apiMaxInFlight": 0, "logFormat": "text", "logLevel": "debug",
                    "podDisruptionBudget": {"enabled": False}},
-    "node": {"region": "montreal", "maxVolumesPerNode": 8, "byIdDir": "/dev/disk/by-id",
+    "node": {"idSource": "smbios", "maxVolumesPerNode": 8, "byIdDir": "/dev/disk/by-id",
              "hostNetwork": True, "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet"},
     "storageClasses": [
         {"name": "lunanode-ext4", "default": True, "fsType": "ext4"},
@@ -138,7 +138,21 @@ CUSTOM_VALUES = {
                 "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
 }
 
+# What the README's install command sets besides the credentials: the one value the chart
+# requires. render() puts it under every scenario unless told otherwise.
+MINIMAL_VALUES = {"region": "toronto"}
+
+# A cluster with nodes in two regions: one node DaemonSet per region.
+MULTI_VALUES = {
+    "node": {"regions": ["toronto", "montreal"], "regionLabel": "example.com/lunanode-region"},
+    "region": "montreal",
+}
+
 SCENARIOS = {"default": {}, "custom": CUSTOM_VALUES}
+# Scenarios every object of which is checked by schema and lint (more than one DaemonSet
+# in "multi", so tests of "the" node DaemonSet use SCENARIOS).
+ALL_SCENARIOS = {**SCENARIOS, "multi": MULTI_VALUES}
+REGIONS = {"toronto", "montreal", "roubaix"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,11 +188,21 @@ class Rendered:
     def node(self) -> dict:
         return self.one("DaemonSet")
 
+    @property
+    def nodes(self) -> list[dict]:
+        return self.of_kind("DaemonSet")
 
-def render(values: dict | None = None) -> Rendered:
+
+def with_minimal(values: dict | None) -> dict:
+    return {**MINIMAL_VALUES, **copy.deepcopy(values or {})}
+
+
+def render(values: dict | None = None, *, minimal: bool = True) -> Rendered:
+    """Render with `values`, on top of MINIMAL_VALUES unless minimal=False."""
+    values = with_minimal(values) if minimal else copy.deepcopy(values or {})
     with helm_python.Chart.load(CHART_DIR) as chart:
-        return Rendered(values or {}, chart.render(copy.deepcopy(values or {}), name=RELEASE,
-                                                   namespace=NAMESPACE))
+        return Rendered(values, chart.render(copy.deepcopy(values), name=RELEASE,
+                                             namespace=NAMESPACE))
 
 
 def pod_spec(workload: dict) -> dict:
@@ -278,6 +302,16 @@ def rendered(request) -> Rendered:
     return render(SCENARIOS[request.param])
 
 
+@pytest.fixture(scope="module", params=list(ALL_SCENARIOS))
+def any_rendered(request) -> Rendered:
+    return render(ALL_SCENARIOS[request.param])
+
+
+@pytest.fixture(scope="module")
+def multi() -> Rendered:
+    return render(MULTI_VALUES)
+
+
 @pytest.fixture(scope="module")
 def default() -> Rendered:
     return render()
@@ -298,10 +332,10 @@ def test_helm_engine_is_the_real_one():
         assert chart.schema is not None, "values.schema.json is missing"
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", list(ALL_SCENARIOS))
 @pytest.mark.parametrize("kube_version", [f"v{v}.0" for v in K8S_VERSIONS])
 def test_lint_strict_is_clean(scenario, kube_version):
-    report = helm_python.lint(CHART_DIR, copy.deepcopy(SCENARIOS[scenario]), strict=True,
+    report = helm_python.lint(CHART_DIR, with_minimal(ALL_SCENARIOS[scenario]), strict=True,
                               namespace=NAMESPACE, kube_version=kube_version)
     assert report["total_charts_linted"] == 1
     assert report["errors"] == [], report
@@ -311,9 +345,9 @@ def test_lint_strict_is_clean(scenario, kube_version):
 
 
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
-def test_every_object_passes_kubernetes_schema(rendered, k8s_version):
+def test_every_object_passes_kubernetes_schema(any_rendered, k8s_version):
     checked = set()
-    for obj in rendered.objects:
+    for obj in any_rendered.objects:
         if obj["kind"] in CRD_KINDS:
             continue
         # strict: unknown fields are errors too.
@@ -329,9 +363,9 @@ def test_schema_versions_are_shipped():
     assert set(K8S_VERSIONS) <= shipped, shipped
 
 
-def test_only_crd_kinds_are_skipped(rendered):
+def test_only_crd_kinds_are_skipped(any_rendered):
     """Every kind without a core schema must be one of the known CRD kinds."""
-    for obj in rendered.objects:
+    for obj in any_rendered.objects:
         try:
             kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
         except kubernetes_validate.SchemaNotFoundError:
@@ -339,11 +373,11 @@ def test_only_crd_kinds_are_skipped(rendered):
             assert obj["apiVersion"] == CRD_KINDS[obj["kind"]]
 
 
-def test_objects_are_unique_and_namespaced_in_release(rendered):
+def test_objects_are_unique_and_namespaced_in_release(any_rendered):
     seen = set()
     cluster_scoped = {"CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
                       "VolumeSnapshotClass"}
-    for obj in rendered.objects:
+    for obj in any_rendered.objects:
         key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
         assert key not in seen, key
         seen.add(key)
@@ -364,6 +398,13 @@ def test_objects_are_unique_and_namespaced_in_release(rendered):
     {"metrics": {"port": 70000}},
     {"image": {"driver": {"repository": "", "tag": "x"}}},
     {"node": {"kubeletDir": "relative/path"}},
+    {"region": "toront"},
+    {"node": {"regions": ["toronto", "nowhere"]}},
+    {"node": {"regions": ["toronto", "toronto"]}},
+    {"node": {"idSource": "dmi"}},
+    # Replaced by `region`: a leftover must fail, not be ignored.
+    {"defaultRegion": "toronto"},
+    {"node": {"region": "toronto"}},
 ], ids=lambda v: json.dumps(v)[:60])
 def test_schema_rejects_bad_values(bad):
     with pytest.raises(helm_python.HelmValuesError):
@@ -470,12 +511,15 @@ def test_node_plugin_privileged_with_bidirectional_kubelet_dir(rendered):
 def test_node_driver_args(default, custom):
     args = flags(container(default.node, "lunanode-csi"))
     assert args["--mode"] == "node"
-    # Node ID and region come from the metadata service unless set.
-    for absent in ("--node-id", "--region", "--max-volumes-per-node", "--by-id-dir",
+    assert args["--region"] == "toronto"
+    assert args["--node-id-source"] == "auto"
+    # The node ID is looked up on each node; the node holds no credentials.
+    for absent in ("--node-id", "--max-volumes-per-node", "--by-id-dir",
                    "--api-id-file", "--api-key-file", "--metrics-addr"):
         assert absent not in args, absent
     args = flags(container(custom.node, "lunanode-csi"))
     assert args["--region"] == "montreal"
+    assert args["--node-id-source"] == "smbios"
     assert args["--max-volumes-per-node"] == "8"
     assert args["--by-id-dir"] == "/dev/disk/by-id"
     assert "--node-id" not in args
@@ -484,8 +528,114 @@ def test_node_driver_args(default, custom):
     assert "hostNetwork" not in pod_spec(default.node)
 
 
-def test_driver_uses_only_known_flags(rendered):
-    for workload in (rendered.controller, rendered.node):
+# --------------------------------------------------------------------------- regions
+
+def test_install_without_a_region_fails_early_saying_what_to_set():
+    """The failure seen on a real cluster (no node knew its region, every claim Pending) is
+    impossible: without a region the chart does not render, with Helm's own `required`."""
+    for values in ({}, {"credentials": {"apiId": "x", "apiKey": "y"}}, {"region": ""}):
+        with pytest.raises(helm_python.HelmRenderError) as err:
+            render(values, minimal=False)
+        message = str(err.value)
+        assert "region is required" in message and "node.regions" in message, message
+    # (`helm lint` alone stays clean: Helm lints in a mode where `required` only warns, so
+    # the chart stays lintable without site values. install and template fail, as above.)
+
+
+def test_every_node_daemonset_is_told_its_region(any_rendered):
+    assert any_rendered.nodes
+    for ds in any_rendered.nodes:
+        args = flags(container(ds, "lunanode-csi"))
+        assert args.get("--region") in REGIONS, (ds["metadata"]["name"], args)
+    default_region = flags(container(any_rendered.controller, "lunanode-csi"))["--default-region"]
+    assert default_region in {flags(container(ds, "lunanode-csi"))["--region"]
+                              for ds in any_rendered.nodes}
+
+
+@pytest.mark.parametrize("region", sorted(REGIONS))
+def test_single_region_install_is_one_value(region):
+    r = render({"region": region})
+    (ds,) = r.nodes
+    assert ds["metadata"]["name"] == f"{RELEASE}-node"
+    assert flags(container(ds, "lunanode-csi"))["--region"] == region
+    assert flags(container(r.controller, "lunanode-csi"))["--default-region"] == region
+    # On every Linux node: no region label is needed.
+    assert pod_spec(ds)["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert f"region {region}" in r.notes
+
+
+def test_multi_region_has_one_node_daemonset_per_region(multi):
+    label = MULTI_VALUES["node"]["regionLabel"]
+    by_region = {}
+    for ds in multi.nodes:
+        region = flags(container(ds, "lunanode-csi"))["--region"]
+        by_region[region] = ds
+        assert ds["metadata"]["name"] == f"{RELEASE}-node-{region}"
+        assert pod_spec(ds)["nodeSelector"] == {"kubernetes.io/os": "linux", label: region}
+        # Distinct selectors, each matching its own pods only.
+        selector = ds["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+        assert selector["csi.lunanode.com/node-region"] == region
+    assert set(by_region) == {"toronto", "montreal"}
+    assert flags(container(multi.controller, "lunanode-csi"))["--default-region"] == "montreal"
+    assert f"{label}=toronto" in multi.notes and "kubectl label node" in multi.notes
+    # Without `region`, the first listed region is the default; a `region` no node is in fails.
+    r = render({"node": {"regions": ["roubaix", "toronto"]}}, minimal=False)
+    assert flags(container(r.controller, "lunanode-csi"))["--default-region"] == "roubaix"
+    assert {ds["metadata"]["name"] for ds in r.nodes} == {f"{RELEASE}-node-roubaix",
+                                                           f"{RELEASE}-node-toronto"}
+    with pytest.raises(helm_python.HelmRenderError, match="not one of node.regions"):
+        render({"region": "montreal", "node": {"regions": ["toronto"]}}, minimal=False)
+    # The default label is the well-known one.
+    r = render({"node": {"regions": ["toronto"]}}, minimal=False)
+    assert pod_spec(r.node)["nodeSelector"]["topology.kubernetes.io/region"] == "toronto"
+
+
+def test_node_id_source_is_a_chart_setting(default, custom):
+    assert flags(container(default.node, "lunanode-csi"))["--node-id-source"] == "auto"
+    assert flags(container(custom.node, "lunanode-csi"))["--node-id-source"] == "smbios"
+    for source in ("auto", "metadata", "smbios"):
+        r = render({"node": {"idSource": source}})
+        assert flags(container(r.node, "lunanode-csi"))["--node-id-source"] == source
+
+
+def helm_install_commands(path: Path) -> list[str]:
+    """Every `helm install` command in a Markdown file, continuation lines joined."""
+    text = path.read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines()
+            if line.strip().startswith("helm install ")]
+
+
+def values_of(command: str) -> dict:
+    """The values a `helm install ... --set a.b=c` command sets."""
+    values: dict = {}
+    for key, value in re.findall(r"--set\s+'?([\w.]+)=([^\s']+)'?", command):
+        *parents, leaf = key.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        # Helm's list syntax: {a,b}
+        node[leaf] = value[1:-1].split(",") if value.startswith("{") else value
+    return values
+
+
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+def test_documented_install_commands_render_a_working_install(doc):
+    """Each documented `helm install` works as written: it sets the region, and every
+    node plugin it renders reports one."""
+    commands = helm_install_commands(REPO / doc)
+    assert commands, f"{doc} documents no helm install"
+    for command in commands:
+        assert "deploy/helm/lunanode-csi" in command and "-n kube-system" in command, command
+        values = values_of(command)
+        assert values.get("region") in REGIONS or values.get("node", {}).get("regions"), command
+        r = render(values, minimal=False)
+        for ds in r.nodes:
+            assert flags(container(ds, "lunanode-csi"))["--region"] in REGIONS, command
+
+
+def test_driver_uses_only_known_flags(any_rendered):
+    for workload in (any_rendered.controller, *any_rendered.nodes):
         c = container(workload, "lunanode-csi")
         assert c["args"][0] == "serve"
         unknown = set(flags(c)) - DRIVER_FLAGS
@@ -520,7 +670,7 @@ def test_controller_driver_args_and_credentials(rendered):
         assert secret_name == f"{RELEASE}-credentials"
         secret = rendered.one("Secret", secret_name)
         assert set(secret["stringData"]) == {"api-id", "api-key"}
-    assert args["--default-region"] == rendered.values.get("defaultRegion", "toronto")
+    assert args["--default-region"] == rendered.values["region"]
     # The controller is the only component that holds credentials.
     for c in pod_spec(rendered.node)["containers"]:
         assert all(m["mountPath"] != "/etc/lunanode" for m in c.get("volumeMounts", []))

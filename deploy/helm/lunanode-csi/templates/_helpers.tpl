@@ -130,3 +130,31 @@ capabilities:
   drop:
     - ALL
 {{- end }}
+
+{{/*
+The controller's default region, which also checks the region settings: a
+single-region install needs `region` (Helm's `required` fails the install
+without it), a multi-region one lists node.regions and `region`, if set, must
+be among them. Every template that depends on the regions includes this, so a
+missing region fails `helm install` before anything reaches the cluster.
+*/}}
+{{- define "lunanode-csi.defaultRegion" -}}
+{{- $regions := .Values.node.regions | default list -}}
+{{- if $regions -}}
+{{- if and .Values.region (not (has .Values.region $regions)) -}}
+{{- fail (printf "region %q is not one of node.regions %v: the controller's default region must be one the nodes are in" .Values.region $regions) -}}
+{{- end -}}
+{{- default (first $regions) .Values.region -}}
+{{- else -}}
+{{- required "region is required: set it to the Luna Node region of the cluster's nodes (--set region=toronto, montreal or roubaix), or list the regions in node.regions for a multi-region cluster. The node plugin holds no API credentials to ask the cloud, and a node without a region would register no topology, leaving every claim Pending." .Values.region -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The regions that get a node DaemonSet, as a JSON list: node.regions, else the
+one `region`.
+*/}}
+{{- define "lunanode-csi.nodeRegions" -}}
+{{- $default := include "lunanode-csi.defaultRegion" . -}}
+{{- (.Values.node.regions | default (list $default)) | toJson -}}
+{{- end }}
