@@ -291,21 +291,26 @@ async fn node_with_credentials_learns_its_region_from_the_cloud() {
         .find(|v| v.region == "montreal")
         .expect("the test simulator has a VM in montreal")
         .clone();
+    // A node plugin with the simulator's credentials, as VM `vm_id`, serving on `sock`.
+    let with_cloud = |sock: &Path, vm_id: &str| {
+        let mut cmd = node_only(&[
+            "--endpoint",
+            &format!("unix://{}", sock.display()),
+            "--node-id",
+            vm_id,
+            "--api-url",
+            &sim.url,
+        ]);
+        cmd.env("LUNANODE_API_ID", &sim.api_id)
+            .env("LUNANODE_API_KEY", &sim.api_key);
+        cmd
+    };
     let sock = dir.path().join("csi.sock");
-    let mut child = node_only(&[
-        "--endpoint",
-        &format!("unix://{}", sock.display()),
-        "--node-id",
-        &vm.id,
-        "--api-url",
-        &sim.url,
-    ])
-    .env("LUNANODE_API_ID", &sim.api_id)
-    .env("LUNANODE_API_KEY", &sim.api_key)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child = with_cloud(&sock, &vm.id)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for_socket(&sock, &mut child).await;
     let (node_id, segments) = topology_of(&sock).await;
     assert_eq!(node_id, vm.id);
@@ -313,18 +318,9 @@ async fn node_with_credentials_learns_its_region_from_the_cloud() {
     assert!(terminate_and_wait(&mut child).await.success());
 
     // A VM the cloud does not know: no start, rather than a node without topology.
-    let out = node_only(&[
-        "--endpoint",
-        &format!("unix://{}", dir.path().join("other.sock").display()),
-        "--node-id",
-        "no-such-vm",
-        "--api-url",
-        &sim.url,
-    ])
-    .env("LUNANODE_API_ID", &sim.api_id)
-    .env("LUNANODE_API_KEY", &sim.api_key)
-    .output()
-    .unwrap();
+    let out = with_cloud(&dir.path().join("other.sock"), "no-such-vm")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
