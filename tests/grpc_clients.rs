@@ -280,12 +280,13 @@ async fn get_plugin_info(sock: &Path, pseudo: &[(&str, &str)]) -> Outcome {
             let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
             let mut payload = vec![0u8; len];
             conn.read_exact(&mut payload).await.unwrap();
-            let code = || u32::from_be_bytes(payload[..4].try_into().unwrap());
             match kind {
                 SETTINGS if flags & ACK == 0 => {
                     conn.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
                 }
-                RST_STREAM if stream == 1 => return Outcome::Reset(code()),
+                RST_STREAM if stream == 1 => {
+                    return Outcome::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                }
                 // The error code follows the last stream ID.
                 GOAWAY => {
                     return Outcome::GoAway(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
@@ -333,7 +334,12 @@ async fn raw_http2_requests_are_served_whatever_their_authority() {
         let Outcome::Answered(message) = outcome else {
             panic!(":authority {authority:?} was not served: {outcome:?}");
         };
-        // A gRPC message: flag, 4-byte length, then the protobuf.
+        // A gRPC message: flag, 4-byte length, then the protobuf. None at all would be a
+        // trailers-only answer, i.e. a gRPC error.
+        assert!(
+            message.len() >= 5,
+            ":authority {authority:?}: answered without a message"
+        );
         let info = GetPluginInfoResponse::decode(&message[5..]).unwrap();
         assert_eq!(info.name, "csi.lunanode.com", ":authority {authority:?}");
     }
