@@ -51,6 +51,12 @@ pub struct ApiArgs {
     /// Timeout of one API request, in seconds.
     #[arg(long, env = "LUNANODE_API_TIMEOUT_SECS", default_value_t = 30)]
     pub api_timeout_secs: u64,
+    /// Request nonces: `clock` sends the current Unix second, as Luna Node's own clients do
+    /// (requests within a second share it); `increasing` makes each one larger than the
+    /// last, at most 2 s ahead of the clock, waiting for the clock at that bound (so about
+    /// one request per second when sustained). Only for a cloud that refuses repeated nonces.
+    #[arg(long, env = "LUNANODE_API_NONCE", value_enum, default_value = "clock")]
+    pub api_nonce: crate::lunanode::NonceMode,
 }
 
 impl ApiArgs {
@@ -90,6 +96,7 @@ impl ApiArgs {
         cfg.burst = self.burst;
         cfg.max_in_flight = self.api_max_in_flight;
         cfg.request_timeout = Duration::from_secs(self.api_timeout_secs.max(1));
+        cfg.nonce = self.api_nonce;
         Client::new(cfg).map_err(|e| CommandError::Config(e.to_string()))
     }
 }

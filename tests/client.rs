@@ -1,14 +1,14 @@
 //! The Luna Node client against the simulator over real HTTP: retries recover from
 //! transient faults and give up after their bound, creates are never repeated, the rate
-//! limiter holds its rate, requests on the wire stay within their bound, and a wrong key is
-//! refused.
+//! limiter holds its rate, requests on the wire stay within their bound, both nonce modes
+//! are served, and a wrong key is refused.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-use lunanode_csi::lunanode::{ApiError, Client, ClientConfig, Credentials};
+use lunanode_csi::lunanode::{ApiError, Client, ClientConfig, Credentials, NonceMode};
 use lunanode_csi::sim::{FaultKind, SimHandle};
 
 fn client(sim: &SimHandle, tweak: impl FnOnce(&mut ClientConfig)) -> Client {
@@ -125,6 +125,23 @@ async fn requests_on_the_wire_stay_within_the_bound() {
         r.unwrap();
     }
     assert!(sim.max_in_flight() > 3, "{}", sim.max_in_flight());
+    sim.shutdown().await;
+}
+
+/// A burst in each nonce mode is served: in `clock` mode the requests share one second, in
+/// `increasing` mode they spend the lead ahead of the clock and then wait for it.
+#[tokio::test]
+async fn both_nonce_modes_are_served() {
+    let (_d, sim) = sim().await;
+    for (mode, n) in [(NonceMode::Clock, 20), (NonceMode::Increasing, 4)] {
+        sim.reset_counters();
+        let c = client(&sim, |c| c.nonce = mode);
+        let calls: Vec<_> = (0..n).map(|_| c.vm_list()).collect();
+        for r in futures_util::future::join_all(calls).await {
+            r.unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        }
+        assert_eq!(sim.calls().get("vm/list"), Some(&n), "{mode:?}");
+    }
     sim.shutdown().await;
 }
 

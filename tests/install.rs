@@ -19,13 +19,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mount_cap;
+use common::{BIN, mount_cap, wait_for_socket};
 use lunanode_csi::csi::controller_client::ControllerClient;
 use lunanode_csi::csi::node_client::NodeClient;
 use lunanode_csi::csi::*;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
 const MANIFESTS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/deploy/kubernetes/lunanode-csi.yaml"
@@ -106,20 +105,6 @@ fn spawn(args: &[String]) -> Proc {
     )
 }
 
-async fn wait_for_socket(path: &Path, p: &mut Proc) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return;
-        }
-        if let Some(status) = p.0.try_wait().unwrap() {
-            panic!("{} exited early: {status}", path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("socket {} never appeared", path.display());
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -192,8 +177,8 @@ async fn documented_install_provisions_attaches_and_mounts_a_claim() {
         ],
     );
     let mut node_proc = spawn(&node_args);
-    wait_for_socket(&ctrl_sock, &mut ctrl_proc).await;
-    wait_for_socket(&node_sock, &mut node_proc).await;
+    wait_for_socket(&ctrl_sock, &mut ctrl_proc.0).await;
+    wait_for_socket(&node_sock, &mut node_proc.0).await;
     let mut ctrl = ControllerClient::new(common::channel(&ctrl_sock).await);
     let mut node = NodeClient::new(common::channel(&node_sock).await);
 

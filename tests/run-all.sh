@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, unit and integration tests
 # (real loop devices, mounts and mkfs when run as root), and the deploy/ chart tests.
-# Installs what the tests need on Debian (xfsprogs for mkfs.xfs, a Python venv for Helm).
+# Installs what the tests need on Debian (xfsprogs for mkfs.xfs, Python venvs for Helm and for
+# a grpc-core client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+echo "==> Python grpcio for tests/grpc_clients.rs"
+# A real grpc-core client: the test fails, not skips, when it is missing here.
+LUNANODE_CSI_TEST_PYTHON="$(bash tests/grpc/venv.sh)"
+export LUNANODE_CSI_TEST_PYTHON
 echo "==> cargo test"
 cargo test --all-targets
 cargo test --doc --quiet

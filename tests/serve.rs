@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
@@ -14,51 +14,7 @@ use lunanode_csi::csi::node_client::NodeClient;
 use lunanode_csi::csi::plugin_capability::{self, service};
 use lunanode_csi::csi::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lunanode-csi")
-}
-
-async fn wait_for_socket(path: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("server exited early: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("socket {} never appeared", path.display());
-}
-
-async fn terminate_and_wait(child: &mut Child) -> std::process::ExitStatus {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server did not stop on SIGTERM"
-        );
-        // Yield to the runtime so the still-connected client can answer the server's GOAWAY.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::{BIN, spawn, terminate_and_wait, wait_for_socket};
 
 #[tokio::test]
 async fn serves_identity_replaces_stale_socket_and_exits_cleanly_on_sigterm() {

@@ -755,6 +755,28 @@ async fn bad_signatures_and_credentials_are_refused() {
     h.shutdown().await;
 }
 
+/// The signature covers the nonce (above), but nothing more is known of how the real cloud
+/// judges nonces, and Luna Node's own clients send one value for all requests in a second.
+/// So the simulator accepts a repeated nonce, one behind an earlier one and one far ahead:
+/// the driver's `clock` and `increasing` modes are both served, and neither is favoured.
+#[tokio::test]
+async fn nonces_are_signed_but_not_judged() {
+    let (h, api) = sim(SimConfig::default()).await;
+    let req = api.req_json(&[]);
+    for nonce in [
+        "1700000000",
+        "1700000000",
+        "1699999000",
+        "1700000001",
+        "4000000000",
+    ] {
+        let sig = sign(&api.key, "vm/list/", &req, nonce);
+        api.post("vm/list", &req, &sig, nonce).await.expect_ok();
+    }
+    assert_eq!(h.state().calls["vm/list"], 5);
+    h.shutdown().await;
+}
+
 /// What a client sees for one call, reduced to compare runs.
 fn outcome(r: &Reply) -> String {
     match (r.status, r.body.get("success").and_then(Value::as_str)) {

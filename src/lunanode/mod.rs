@@ -1,13 +1,15 @@
 //! The Luna Node API client.
 //!
-//! One [`Client`] per process: it signs requests, keeps nonces strictly increasing, shares a
-//! rate limit across all callers, retries transient failures of actions that are safe to
-//! repeat, and reports every failure as one [`ApiError`] kind. Actions that create something
-//! are never repeated blindly: callers reconcile by looking the name up.
+//! One [`Client`] per process: it signs requests (the nonce is the clock's second, as in Luna
+//! Node's own clients), shares a rate limit across all callers, retries transient failures
+//! of actions that are safe to repeat, and reports every failure as one [`ApiError`] kind.
+//! Actions that create something are never repeated blindly: callers reconcile by looking
+//! the name up.
 
 mod client;
 mod credentials;
 mod error;
+mod nonce;
 mod ratelimit;
 mod reply;
 mod sign;
@@ -16,5 +18,6 @@ mod types;
 pub use client::{Client, ClientConfig, ClientStats, CreateSource, DEFAULT_BASE_URL};
 pub use credentials::{API_ID_LEN, API_KEY_LEN, Credentials, CredentialsError};
 pub use error::ApiError;
+pub use nonce::{DEFAULT_MAX_AHEAD as DEFAULT_NONCE_MAX_AHEAD, NonceMode};
 pub use sign::signature;
 pub use types::{Image, REGIONS, Readiness, Snapshot, SnapshotVolume, Vm, Volume, html_unescape};

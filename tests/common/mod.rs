@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use lunanode_csi::csi::controller_client::ControllerClient;
@@ -20,6 +21,56 @@ use lunanode_csi::sim::{Backing, SimConfig, SimHandle, VmSpec};
 use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
 
 pub const GIB: i64 = 1 << 30;
+
+/// The driver binary built by this `cargo test`.
+pub const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
+
+/// Start the driver binary, its stderr piped (read it after the child exits).
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lunanode-csi")
+}
+
+/// Wait until the socket accepts connections; panic if the child exits first.
+pub async fn wait_for_socket(path: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("server exited early: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("socket {} never appeared", path.display());
+}
+
+/// SIGTERM the child and wait (at most 30 s) for it to exit.
+pub async fn terminate_and_wait(child: &mut Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not stop on SIGTERM"
+        );
+        // Yield to the runtime so the still-connected client can answer the server's GOAWAY.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// Connect a tonic channel to a unix socket.
 pub async fn channel(path: &Path) -> Channel {

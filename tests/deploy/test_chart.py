@@ -62,7 +62,7 @@ DRIVER_FLAGS = {
     "--endpoint", "--mode", "--api-id-file", "--api-key-file", "--api-url",
     "--default-region", "--region", "--node-id", "--node-id-source", "--by-id-dir",
     "--max-volumes-per-node", "--log-format", "--log-level", "--metrics-addr",
-    "--qps", "--burst", "--api-max-in-flight",
+    "--qps", "--burst", "--api-max-in-flight", "--api-nonce",
 }
 
 # What each sidecar needs from the Kubernetes API: (apiGroup, resource) -> verbs.
@@ -123,7 +123,8 @@ CUSTOM_VALUES = {
                                 "tag": "v2.14.0-mirror"},
     },
     "imagePullSecrets": ["mirror-pull"],
-    "controller": {"replicas": 1, "qps": 5, "burst": 10, "apiMaxInFlight": 0, "logFormat": "text", "logLevel": "debug",
+    "controller": {"replicas": 1, "qps": 5, "burst": 10, "apiMaxInFlight": 0, "apiNonce": "increasing",
+                   "logFormat": "text", "logLevel": "debug",
                    "podDisruptionBudget": {"enabled": False}},
     "node": {"idSource": "smbios", "maxVolumesPerNode": 8, "byIdDir": "/dev/disk/by-id",
              "hostNetwork": True, "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet"},
@@ -395,6 +396,7 @@ def test_objects_are_unique_and_namespaced_in_release(any_rendered):
     {"controlller": {"replicas": 2}},
     {"storageClasses": [{"name": "lunanode-btrfs", "fsType": "btrfs"}]},
     {"controller": {"logFormat": "yaml"}},
+    {"controller": {"apiNonce": "ahead"}},
     {"metrics": {"port": 70000}},
     {"image": {"driver": {"repository": "", "tag": "x"}}},
     {"node": {"kubeletDir": "relative/path"}},
@@ -690,7 +692,8 @@ def test_chart_created_secret_carries_values():
 
 def test_controller_optional_driver_args(default, custom):
     args = flags(container(default.controller, "lunanode-csi"))
-    for absent in ("--api-url", "--qps", "--burst", "--api-max-in-flight", "--region", "--node-id"):
+    for absent in ("--api-url", "--qps", "--burst", "--api-max-in-flight", "--api-nonce", "--region",
+                   "--node-id"):
         assert absent not in args, absent
     assert args["--log-format"] == "json" and args["--log-level"] == "info"
     args = flags(container(custom.controller, "lunanode-csi"))
@@ -698,6 +701,7 @@ def test_controller_optional_driver_args(default, custom):
     assert args["--qps"] == "5" and args["--burst"] == "10"
     # 0 (no bound) is a value, not an absent one.
     assert args["--api-max-in-flight"] == "0"
+    assert args["--api-nonce"] == "increasing"
     assert args["--log-format"] == "text" and args["--log-level"] == "debug"
     assert args["--default-region"] == "montreal"
 
