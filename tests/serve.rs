@@ -143,6 +143,16 @@ fn node_only(args: &[&str]) -> Command {
     cmd
 }
 
+/// A node-only plugin serving on `sock`, its stderr piped.
+fn start_node_only(sock: &Path, extra: &[&str]) -> std::process::Child {
+    let endpoint = format!("unix://{}", sock.display());
+    node_only(&[&["--endpoint", endpoint.as_str()][..], extra].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 async fn topology_of(sock: &Path) -> (String, HashMap<String, String>) {
     let mut node = NodeClient::new(common::channel(sock).await);
     let info = node
@@ -208,18 +218,7 @@ fn node_without_a_region_source_does_not_start() {
 async fn node_reports_the_region_it_was_given() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("csi.sock");
-    let mut child = node_only(&[
-        "--endpoint",
-        &format!("unix://{}", sock.display()),
-        "--node-id",
-        "vm-1",
-        "--region",
-        "montreal",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child = start_node_only(&sock, &["--node-id", "vm-1", "--region", "montreal"]);
     wait_for_socket(&sock, &mut child).await;
     let (node_id, segments) = topology_of(&sock).await;
     assert_eq!(node_id, "vm-1");
@@ -293,18 +292,7 @@ async fn node_with_credentials_learns_its_region_from_the_cloud() {
 async fn node_id_source_smbios_reads_only_smbios() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("csi.sock");
-    let mut child = node_only(&[
-        "--endpoint",
-        &format!("unix://{}", sock.display()),
-        "--region",
-        "toronto",
-        "--log-level",
-        "debug",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut child = start_node_only(&sock, &["--region", "toronto", "--log-level", "debug"]);
     let start = Instant::now();
     let exited = loop {
         if let Some(status) = child.try_wait().unwrap() {
