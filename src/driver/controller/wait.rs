@@ -94,6 +94,42 @@ pub enum Schedule {
     Fixed,
 }
 
+/// The schedule's name, as `serve --wait-schedule` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleName {
+    /// Learnt per kind of transition.
+    Learned,
+    /// The fixed backoff the driver used before it learnt (for comparison).
+    Fixed,
+}
+
+impl WaitPolicy {
+    /// The policy `serve` runs with: `scale` multiplies every time in the schedule (the
+    /// minimum gap; the fixed backoff, given separately, is scaled by the caller), which
+    /// only benchmarks running the simulator's transitions at the same scale want.
+    pub fn new(name: ScheduleName, poll_cost: f64, scale: f64) -> Self {
+        let schedule = match name {
+            ScheduleName::Learned => Schedule::Learned { poll_cost },
+            ScheduleName::Fixed => Schedule::Fixed,
+        };
+        Self {
+            schedule,
+            min_gap: WaitPolicy::default().min_gap.mul_f64(scale),
+        }
+    }
+}
+
+impl Backoff {
+    /// Every time multiplied by `scale` (see [`WaitPolicy::new`]).
+    pub fn scaled(self, scale: f64) -> Self {
+        Self {
+            initial: self.initial.mul_f64(scale),
+            max: self.max.mul_f64(scale),
+            factor: self.factor,
+        }
+    }
+}
+
 /// The default price of a poll; docs/benchmarks.md shows the overshoot/calls curve it was
 /// chosen from.
 pub const DEFAULT_POLL_COST: f64 = 0.03;
