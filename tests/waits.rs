@@ -298,19 +298,22 @@ async fn every_kind_answers_once_ready(schedule: &str) {
     assert!(sim.state().volumes.is_empty());
 
     // Each wait was counted under its kind: one per round each, two of create from a
-    // source (clone and restore), and two snapshot waits (the clone's own snapshot, and the
-    // restore checking the CO's).
+    // source (clone and restore), and two snapshot waits: the clone's own snapshot, which
+    // it started, and the restore's check of the CO's, which it joined.
     let text = d.scrape().await;
-    for (kind, n) in [
-        ("create", 5),
-        ("create_from_source", 10),
-        ("attach", 5),
-        ("detach", 5),
-        ("extend", 5),
-        ("snapshot", 10),
-        ("replicate", 5),
+    for (kind, transition, n) in [
+        ("create", "started", 5),
+        ("create_from_source", "started", 10),
+        ("attach", "started", 5),
+        ("detach", "started", 5),
+        ("extend", "started", 5),
+        ("snapshot", "started", 5),
+        ("snapshot", "joined", 5),
+        ("replicate", "started", 5),
     ] {
-        let series = format!(r#"csi_wait_polls_count{{kind="{kind}",result="ready"}} "#);
+        let series = format!(
+            r#"csi_wait_polls_count{{kind="{kind}",result="ready",transition="{transition}"}} "#
+        );
         let count = text
             .lines()
             .find_map(|l| l.strip_prefix(&series))

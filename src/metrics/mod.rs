@@ -88,6 +88,10 @@ struct Action {
 struct KindResult {
     kind: &'static str,
     result: &'static str,
+    /// `started`: the call made the change it waits for (what the learned schedule learns
+    /// from); `joined`: it found the change under way or done (a retried RPC, a restore's
+    /// check of its source snapshot), often a single poll.
+    transition: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -168,12 +172,12 @@ impl Metrics {
         );
         registry.register(
             "csi_wait_duration_seconds",
-            "Time the controller waited for a cloud transition, by kind (create, attach, …) and result (ready, failed, timeout)",
+            "Time the controller waited for a cloud transition, by kind (create, attach, …), result (ready, failed, timeout) and whether the call started the transition or joined it",
             wait_duration.clone(),
         );
         registry.register(
             "csi_wait_polls",
-            "Status checks (API calls) one wait for a cloud transition made, by kind and result",
+            "Status checks (API calls) one wait for a cloud transition made, by kind, result and whether the call started the transition or joined it",
             wait_polls.clone(),
         );
         registry.register_collector(Box::new(process::ProcessCollector));
@@ -238,10 +242,16 @@ impl Metrics {
         &self,
         kind: &'static str,
         result: &'static str,
+        started: bool,
         took: Duration,
         polls: u32,
     ) {
-        let labels = KindResult { kind, result };
+        let transition = if started { "started" } else { "joined" };
+        let labels = KindResult {
+            kind,
+            result,
+            transition,
+        };
         self.wait_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
@@ -363,7 +373,8 @@ mod tests {
         });
         m.api_attempt("volume/info", &throttled, Duration::from_millis(1));
         m.api_retry("volume/info");
-        m.wait_finished("attach", "ready", Duration::from_millis(2500), 3);
+        m.wait_finished("attach", "ready", true, Duration::from_millis(2500), 3);
+        m.wait_finished("snapshot", "ready", false, Duration::ZERO, 1);
 
         let text = m.encode();
         for want in [
@@ -378,10 +389,11 @@ mod tests {
             r#"lunanode_api_throttled_total{action="volume/info"} 1"#,
             r#"lunanode_api_retries_total{action="volume/info"} 1"#,
             r#"lunanode_api_request_duration_seconds_count{action="volume/list"} 1"#,
-            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",le="3"} 1"#,
-            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",le="2"} 0"#,
-            r#"csi_wait_polls_sum{kind="attach",result="ready"} 3.0"#,
-            r#"csi_wait_polls_count{kind="attach",result="ready"} 1"#,
+            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",transition="started",le="3"} 1"#,
+            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",transition="started",le="2"} 0"#,
+            r#"csi_wait_polls_sum{kind="attach",result="ready",transition="started"} 3.0"#,
+            r#"csi_wait_polls_count{kind="attach",result="ready",transition="started"} 1"#,
+            r#"csi_wait_polls_count{kind="snapshot",result="ready",transition="joined"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
         }

@@ -399,7 +399,7 @@ impl Waits {
                 Err(Error::DeadlineExceeded(_)) => "timeout",
                 Err(_) => "failed",
             };
-            m.wait_finished(kind.name(), result, start.elapsed(), polls);
+            m.wait_finished(kind.name(), result, fresh, start.elapsed(), polls);
         }
         outcome
     }
