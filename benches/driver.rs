@@ -148,6 +148,9 @@ struct Args {
         default_value = "0.005,0.01,0.02,0.03,0.05,0.1"
     )]
     wait_curve: Vec<f64>,
+    /// Waits phase: also run learned rigs that share volume/list between waiting volumes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    wait_share_experiment: bool,
     /// Skip phases: any of serial, throughput, scale, target, stage, waits.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,

@@ -210,6 +210,9 @@ pub struct ControllerArgs {
     /// simulator whose transitions are scaled the same way.
     #[arg(long, env = "LUNANODE_CSI_WAIT_TIME_SCALE", default_value_t = 1.0)]
     pub wait_time_scale: f64,
+    /// While several volumes are waited for, poll them through one shared volume/list.
+    #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST")]
+    pub wait_share_list: bool,
 }
 
 impl ControllerArgs {
@@ -236,11 +239,14 @@ impl ControllerArgs {
         }
         let scale = self.wait_time_scale;
         Ok(ControllerConfig {
-            wait: crate::driver::controller::wait::WaitPolicy::new(
-                self.wait_schedule,
-                self.wait_poll_cost,
-                scale,
-            ),
+            wait: crate::driver::controller::wait::WaitPolicy {
+                share_list: self.wait_share_list,
+                ..crate::driver::controller::wait::WaitPolicy::new(
+                    self.wait_schedule,
+                    self.wait_poll_cost,
+                    scale,
+                )
+            },
             backoff: crate::driver::controller::wait::Backoff::default().scaled(scale),
             default_region: self.default_region.clone(),
             regions: self.regions.clone(),

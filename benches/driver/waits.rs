@@ -157,6 +157,10 @@ impl Rig {
         poll_cost: f64,
         args: &Args,
     ) -> Rig {
+        let (schedule_flag, share) = match schedule.strip_suffix("+share") {
+            Some(s) => (s, true),
+            None => (schedule, false),
+        };
         let scale = args.wait_scale;
         let workers = args.wait_concurrency.iter().copied().max().unwrap_or(1);
         let sim = SimHandle::start(SimConfig {
@@ -176,10 +180,13 @@ impl Rig {
         let mut flags = controller_flags(args.qps, args.burst);
         flags.extend([
             format!("--metrics-addr={metrics}"),
-            format!("--wait-schedule={schedule}"),
+            format!("--wait-schedule={schedule_flag}"),
             format!("--wait-poll-cost={poll_cost}"),
             format!("--wait-time-scale={scale}"),
         ]);
+        if share {
+            flags.push("--wait-share-list".into());
+        }
         let driver = Driver::start(&sim, "controller", &flags).await;
         let mut ctl = ControllerClient::new(driver.channel.clone());
         let id =
@@ -480,9 +487,11 @@ async fn measure(
     .await;
     rig.sim.take_transitions();
     let before = scrape(&rig.metrics).await;
+    let calls_before = total_calls(&rig.sim.calls());
     let since = Instant::now();
     let obs = run_streams(rig, streams, workers, args.wait_count, &format!("{tag}m")).await;
     let log = rig.sim.take_transitions();
+    let api_calls = total_calls(&rig.sim.calls()) - calls_before;
     let after = scrape(&rig.metrics).await;
     let fracs = overshoot(&obs, &log, since);
     let mut kinds = serde_json::Map::new();
@@ -527,6 +536,9 @@ async fn measure(
             "overshoot_p50": pct(&mut all, 50.0),
             "overshoot_p95": pct(&mut all, 95.0),
             "calls_per_wait": calls_sum / calls_n.max(1.0),
+            // Every API call of the streams (their other calls too) per measured wait:
+            // what sharing a volume/list changes shows here, not in polls.
+            "api_calls_per_wait": api_calls as f64 / all.len().max(1) as f64,
         },
     })
 }
@@ -541,6 +553,14 @@ pub async fn phase_waits(args: &Args) -> Value {
         ("spread", Transitions::spread(), "fixed", default, true),
         ("spread", Transitions::spread(), "learned", default, true),
     ];
+    if args.wait_share_experiment {
+        for (cloud, shape) in [
+            ("steady", Transitions::steady()),
+            ("spread", Transitions::spread()),
+        ] {
+            specs.push((cloud, shape, "learned+share", default, true));
+        }
+    }
     for &c in &args.wait_curve {
         if c != default {
             specs.push(("spread", Transitions::spread(), "learned", c, false));
@@ -560,7 +580,7 @@ pub async fn phase_waits(args: &Args) -> Value {
     let mut results = Vec::new();
     let mut curve = Vec::new();
     for ((rig, main), r) in rigs.iter().zip(serial.drain(..)) {
-        if rig.cloud == "spread" {
+        if rig.cloud == "spread" && !rig.schedule.ends_with("+share") {
             curve.push(json!({
                 "schedule": rig.schedule,
                 "poll_cost": rig.poll_cost,
@@ -578,9 +598,10 @@ pub async fn phase_waits(args: &Args) -> Value {
             }
             eprintln!("waits: {} {} at concurrency {c}", rig.cloud, rig.schedule);
             let mut kinds = serde_json::Map::new();
-            let mut all = Vec::new();
+            let mut streams = serde_json::Map::new();
             for s in STREAMS {
                 let r = measure(rig, &[s], c, args, &format!("c{c}")).await;
+                streams.insert(format!("{s:?}"), r["all"].clone());
                 if let Some(k) = r["kinds"].as_object() {
                     for (name, v) in k {
                         // Clone and restore streams also report the creates from their
@@ -590,7 +611,6 @@ pub async fn phase_waits(args: &Args) -> Value {
                         }
                     }
                 }
-                all.push(r);
             }
             results.push(json!({
                 "cloud": rig.cloud,
@@ -598,6 +618,7 @@ pub async fn phase_waits(args: &Args) -> Value {
                 "poll_cost": rig.poll_cost,
                 "concurrency": c,
                 "kinds": kinds,
+                "streams": streams,
             }));
         }
     }
@@ -642,6 +663,7 @@ pub fn print_waits(w: &Value) {
     );
     let results = w["results"].as_array().cloned().unwrap_or_default();
     for r in results.iter().filter(|r| r["schedule"] == "learned") {
+        // (the "+share" rigs are shown apart below)
         let Some(old) = results.iter().find(|o| {
             o["schedule"] == "fixed"
                 && o["cloud"] == r["cloud"]
@@ -663,6 +685,44 @@ pub fn print_waits(w: &Value) {
                 pc(&n["overshoot_p95"]),
                 f(&n["calls_per_wait"]),
             );
+        }
+    }
+    let share: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["schedule"] == "learned+share")
+        .collect();
+    if !share.is_empty() {
+        println!(
+            "  sharing volume/list between waiting volumes: every API call of a stream per wait, and overshoot p50"
+        );
+        for r in share {
+            let Some(plain) = results.iter().find(|o| {
+                o["schedule"] == "learned"
+                    && o["cloud"] == r["cloud"]
+                    && o["concurrency"] == r["concurrency"]
+            }) else {
+                continue;
+            };
+            let rows: Vec<(&str, &Value, &Value)> = if r["streams"].is_null() {
+                vec![("all streams", &plain["all"], &r["all"])]
+            } else {
+                ["Create", "AttachDetach", "Extend"]
+                    .into_iter()
+                    .map(|s| (s, &plain["streams"][s], &r["streams"][s]))
+                    .collect()
+            };
+            for (s, a, b) in rows {
+                println!(
+                    "    {:<7} c={:<3} {:<13} calls/wait {} -> {}   p50 {} -> {}",
+                    r["cloud"].as_str().unwrap_or(""),
+                    r["concurrency"],
+                    s,
+                    f(&a["api_calls_per_wait"]),
+                    f(&b["api_calls_per_wait"]),
+                    pc(&a["overshoot_p50"]),
+                    pc(&b["overshoot_p50"]),
+                );
+            }
         }
     }
     println!("  spread cloud, concurrency 1, all kinds: overshoot against calls per wait");

@@ -128,7 +128,7 @@ impl Inner {
         let vol = self
             .waits
             .until(kind, fresh, deadline, &what, || async {
-                let v = self.client.volume_info(vref.id).await?;
+                let v = self.poll_volume(vref.id).await?;
                 match v.attached_vm() {
                     Some(vm) if vm == node && v.status == "in-use" => Ok(Some(v)),
                     Some(vm) if vm != node => Err(Error::FailedPrecondition(format!(
@@ -190,7 +190,7 @@ impl Inner {
         let kind = WaitKind::Detach;
         self.waits
             .until(kind, fresh, deadline, &what, || async {
-                match self.client.volume_info(vref.id).await {
+                match self.poll_volume(vref.id).await {
                     Ok(v) => Ok((!attached_here(&v) || v.attached_vm().is_none())
                         .then_some(())
                         .filter(|_| v.status != "detaching")),

@@ -143,6 +143,22 @@ impl Inner {
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
+    /// A waiting volume's status: while other volumes are waited for too (and sharing is
+    /// on), from a `volume/list` shared with them, else `volume/info`.
+    pub(super) async fn poll_volume(&self, id: u64) -> Result<CloudVolume, ApiError> {
+        if !self.waits.share_volume_list() {
+            return self.client.volume_info(id).await;
+        }
+        let all = self.client.volume_list_shared().await?;
+        all.iter()
+            .find(|v| v.id == id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound {
+                action: "volume/list".into(),
+                message: format!("volume {id} not found"),
+            })
+    }
+
     /// The volume labelled `name`, if any. Lookups share one in-flight `volume/list`.
     async fn volume_by_label(&self, name: &str) -> Result<Option<CloudVolume>, Error> {
         let all = self.client.volume_list_shared().await?;
@@ -165,7 +181,7 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let what = format!("volume {vref} to become available");
         let vol = self.waits.until(kind, fresh, deadline, &what, || async {
-            let v = match self.client.volume_info(vref.id).await {
+            let v = match self.poll_volume(vref.id).await {
                 Ok(v) => v,
                 // NOT_FOUND would tell the CO the request's source is missing (final).
                 Err(ApiError::NotFound { .. }) => {
@@ -389,7 +405,7 @@ impl Inner {
         let what = format!("volume {vref} to grow to {size_gb} GB");
         let kind = WaitKind::Extend;
         self.waits.until(kind, fresh, deadline, &what, || async {
-            let v = self.client.volume_info(vref.id).await?;
+            let v = self.poll_volume(vref.id).await?;
             if v.readiness() == Readiness::Failed {
                 return Err(Error::Internal(format!(
                     "extending volume {vref} failed in the cloud (status {:?}); contact Luna Node support",

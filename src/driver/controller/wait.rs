@@ -115,6 +115,7 @@ impl WaitPolicy {
         Self {
             schedule,
             min_gap: WaitPolicy::default().min_gap.mul_f64(scale),
+            share_list: false,
         }
     }
 }
@@ -141,6 +142,9 @@ pub struct WaitPolicy {
     /// No two polls of one wait are closer than this, whatever the estimate says: a
     /// cloud that answers "done" within a few ms of itself is not worth a burst of polls.
     pub min_gap: Duration,
+    /// While more than one volume is waited for, poll through a `volume/list` shared by
+    /// all the waiters instead of one `volume/info` each.
+    pub share_list: bool,
 }
 
 impl Default for WaitPolicy {
@@ -150,6 +154,7 @@ impl Default for WaitPolicy {
                 poll_cost: DEFAULT_POLL_COST,
             },
             min_gap: Duration::from_millis(100),
+            share_list: false,
         }
     }
 }
@@ -278,6 +283,19 @@ pub struct Waits {
     backoff: Backoff,
     estimators: [Mutex<Estimator>; 7],
     metrics: OnceLock<Arc<Metrics>>,
+    /// Waits for a volume's status under way now.
+    volume_waits: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a volume wait as under way until dropped.
+struct Active<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Where a wait's next poll comes from.
@@ -295,7 +313,14 @@ impl Waits {
             backoff,
             estimators: Default::default(),
             metrics: OnceLock::new(),
+            volume_waits: Default::default(),
         }
+    }
+
+    /// Whether a volume's poll should go through the shared `volume/list`: sharing is on
+    /// and another volume wait is under way to share it with.
+    pub fn share_volume_list(&self) -> bool {
+        self.policy.share_list && self.volume_waits.load(std::sync::atomic::Ordering::Relaxed) > 1
     }
 
     /// Report every wait's duration and polls to `metrics` from now on.
@@ -333,6 +358,12 @@ impl Waits {
         Fut: Future<Output = Result<Option<T>, Error>>,
     {
         let start = Instant::now();
+        let on_volume = !matches!(kind, WaitKind::Snapshot | WaitKind::Replicate);
+        let _active = Active(on_volume.then(|| {
+            self.volume_waits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            &self.volume_waits
+        }));
         let plan = match self.policy.schedule {
             Schedule::Learned { poll_cost } => self.lock(kind).plan(poll_cost, self.policy.min_gap),
             Schedule::Fixed => Vec::new(),
