@@ -210,8 +210,9 @@ pub struct ControllerArgs {
     /// simulator whose transitions are scaled the same way.
     #[arg(long, env = "LUNANODE_CSI_WAIT_TIME_SCALE", default_value_t = 1.0)]
     pub wait_time_scale: f64,
-    /// While several volumes are waited for, poll them through one shared volume/list.
-    #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST")]
+    /// While several volumes are waited for, poll them through one shared volume/list
+    /// instead of a volume/info each.
+    #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST", default_value_t = true, action = clap::ArgAction::Set)]
     pub wait_share_list: bool,
 }
 

@@ -33,6 +33,10 @@ fn free_port() -> u16 {
 }
 
 async fn start(sim: &SimHandle, schedule: &str) -> Driver {
+    start_with(sim, schedule, &[]).await
+}
+
+async fn start_with(sim: &SimHandle, schedule: &str, extra: &[&str]) -> Driver {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("csi.sock");
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -44,6 +48,7 @@ async fn start(sim: &SimHandle, schedule: &str) -> Driver {
         .arg(format!("--wait-schedule={schedule}"))
         // The fixed backoff at 5 ms, then up to 50 ms: the test's transitions are short.
         .arg("--wait-time-scale=0.01")
+        .args(extra)
         .env_remove("RUST_LOG")
         .env("LUNANODE_API_ID", &sim.api_id)
         .env("LUNANODE_API_KEY", &sim.api_key)
@@ -332,6 +337,82 @@ async fn learned_waits_answer_once_the_cloud_is_ready() {
 #[tokio::test]
 async fn the_fixed_schedule_is_still_selectable() {
     every_kind_answers_once_ready("fixed").await;
+}
+
+/// Twenty volumes attaching at once: with sharing on (the default) their polls go through
+/// shared `volume/list` calls, with `--wait-share-list=false` through `volume/info` alone;
+/// either way every publish answers with the volume attached.
+async fn concurrent_attaches(share: bool) -> std::collections::BTreeMap<String, u64> {
+    let mut t = Transitions::default();
+    t.set(
+        lunanode_csi::sim::TransitionKind::Attach,
+        Span::fixed(Duration::from_millis(150)),
+    );
+    let sim = SimHandle::start(SimConfig {
+        transition: t,
+        vms: (0..2)
+            .map(|i| VmSpec {
+                region: "toronto".into(),
+                name: Some(format!("node-{i}")),
+            })
+            .collect(),
+        seed: 12,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let flag = format!("--wait-share-list={share}");
+    let d = start_with(&sim, "learned", &[&flag]).await;
+    let mut vols = Vec::new();
+    for i in 0..20 {
+        let mut c = d.ctl.clone();
+        let v = c
+            .create_volume(create_req(&format!("pvc-many-{i}"), 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        vols.push((v.volume_id, sim.vms[i % 2].id.clone()));
+    }
+    sim.reset_counters();
+    let publishes = vols.iter().map(|(vol, node)| {
+        let mut c = d.ctl.clone();
+        async move {
+            c.controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: vol.clone(),
+                node_id: node.clone(),
+                volume_capability: Some(mount_cap("ext4")),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    });
+    futures_util::future::join_all(publishes).await;
+    let calls = sim.calls();
+    let state = sim.state();
+    for (vol, node) in &vols {
+        let v = volume(&state, vol);
+        assert_eq!(
+            (v.status.as_str(), v.attached.as_deref()),
+            ("in-use", Some(node.as_str()))
+        );
+    }
+    d.stop().await;
+    sim.shutdown().await;
+    calls
+}
+
+#[tokio::test]
+async fn concurrent_waits_share_volume_lists() {
+    let shared = concurrent_attaches(true).await;
+    assert!(
+        shared.get("volume/list").copied().unwrap_or(0) > 0,
+        "{shared:?}"
+    );
+    let apart = concurrent_attaches(false).await;
+    assert_eq!(apart.get("volume/list"), None, "{apart:?}");
 }
 
 #[test]

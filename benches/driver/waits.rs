@@ -157,9 +157,9 @@ impl Rig {
         poll_cost: f64,
         args: &Args,
     ) -> Rig {
-        let (schedule_flag, share) = match schedule.strip_suffix("+share") {
-            Some(s) => (s, true),
-            None => (schedule, false),
+        let (schedule_flag, share) = match schedule.strip_suffix("-unshared") {
+            Some(s) => (s, false),
+            None => (schedule, true),
         };
         let scale = args.wait_scale;
         let workers = args.wait_concurrency.iter().copied().max().unwrap_or(1);
@@ -184,9 +184,7 @@ impl Rig {
             format!("--wait-poll-cost={poll_cost}"),
             format!("--wait-time-scale={scale}"),
         ]);
-        if share {
-            flags.push("--wait-share-list".into());
-        }
+        flags.push(format!("--wait-share-list={share}"));
         let driver = Driver::start(&sim, "controller", &flags).await;
         let mut ctl = ControllerClient::new(driver.channel.clone());
         let id =
@@ -558,7 +556,7 @@ pub async fn phase_waits(args: &Args) -> Value {
             ("steady", Transitions::steady()),
             ("spread", Transitions::spread()),
         ] {
-            specs.push((cloud, shape, "learned+share", default, true));
+            specs.push((cloud, shape, "learned-unshared", default, true));
         }
     }
     for &c in &args.wait_curve {
@@ -571,16 +569,20 @@ pub async fn phase_waits(args: &Args) -> Value {
     for (cloud, shape, schedule, cost, main) in specs {
         rigs.push((Rig::start(cloud, shape, schedule, cost, args).await, main));
     }
-    eprintln!("waits: {} rigs at concurrency 1", rigs.len());
-    let mut serial = futures_util::future::join_all(
-        rigs.iter_mut()
-            .map(|(rig, _)| async move { measure(rig, &STREAMS, 1, args, "c1").await }),
-    )
-    .await;
+    let mut serial = if args.wait_concurrency.contains(&1) {
+        eprintln!("waits: {} rigs at concurrency 1", rigs.len());
+        futures_util::future::join_all(
+            rigs.iter_mut()
+                .map(|(rig, _)| async move { measure(rig, &STREAMS, 1, args, "c1").await }),
+        )
+        .await
+    } else {
+        Vec::new()
+    };
     let mut results = Vec::new();
     let mut curve = Vec::new();
     for ((rig, main), r) in rigs.iter().zip(serial.drain(..)) {
-        if rig.cloud == "spread" && !rig.schedule.ends_with("+share") {
+        if rig.cloud == "spread" && !rig.schedule.ends_with("-unshared") {
             curve.push(json!({
                 "schedule": rig.schedule,
                 "poll_cost": rig.poll_cost,
@@ -663,7 +665,7 @@ pub fn print_waits(w: &Value) {
     );
     let results = w["results"].as_array().cloned().unwrap_or_default();
     for r in results.iter().filter(|r| r["schedule"] == "learned") {
-        // (the "+share" rigs are shown apart below)
+        // (the "-unshared" rigs are shown apart below)
         let Some(old) = results.iter().find(|o| {
             o["schedule"] == "fixed"
                 && o["cloud"] == r["cloud"]

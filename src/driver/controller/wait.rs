@@ -115,7 +115,7 @@ impl WaitPolicy {
         Self {
             schedule,
             min_gap: WaitPolicy::default().min_gap.mul_f64(scale),
-            share_list: false,
+            share_list: true,
         }
     }
 }
@@ -154,7 +154,7 @@ impl Default for WaitPolicy {
                 poll_cost: DEFAULT_POLL_COST,
             },
             min_gap: Duration::from_millis(100),
-            share_list: false,
+            share_list: true,
         }
     }
 }
