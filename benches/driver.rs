@@ -148,7 +148,11 @@ struct Args {
         default_value = "0.005,0.01,0.02,0.03,0.05,0.1"
     )]
     wait_curve: Vec<f64>,
-    /// Waits phase: also run learned rigs that share volume/list between waiting volumes.
+    /// Waits phase: the clouds (steady, spread).
+    #[arg(long, value_delimiter = ',', default_value = "steady,spread")]
+    wait_clouds: Vec<String>,
+    /// Waits phase: also run learned rigs that do not share volume/list between waiting
+    /// volumes, to show what sharing saves.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     wait_share_experiment: bool,
     /// Skip phases: any of serial, throughput, scale, target, stage, waits.
