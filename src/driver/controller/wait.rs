@@ -7,7 +7,9 @@
 //! fraction of the transition) + `poll_cost` × expected polls" over that window are chosen
 //! exactly by dynamic programming ([`Estimator::plan`]). Past the last planned poll (the
 //! cloud is slower than ever seen) a capped backoff takes over. Every poll is an ordinary
-//! API call, so it takes its turn in the client's rate limiter like any other request.
+//! API call, so it takes its turn in the client's rate limiter like any other request; while
+//! several volumes are waited for, their polls can share one `volume/list`
+//! ([`Waits::share_volume_list`]). docs/benchmarks.md ("Waits") has the measurements.
 
 use std::collections::VecDeque;
 use std::future::Future;
