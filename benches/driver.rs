@@ -26,6 +26,9 @@ use lunanode_csi::sim::{Backing, SimConfig, SimHandle, VmSpec};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+#[path = "driver/waits.rs"]
+mod waits;
+
 const BIN: &str = env!("CARGO_BIN_EXE_lunanode-csi");
 
 /// The driver binary to measure, chosen once in `main`.
@@ -126,7 +129,33 @@ struct Args {
     stage_samples: usize,
     #[arg(long, default_value_t = 10)]
     stage_size_gb: u64,
-    /// Skip phases: any of serial, throughput, scale, target, stage.
+    /// Waits phase: waits of each kind measured per (cloud, schedule, concurrency), after
+    /// this many warm-up waits.
+    #[arg(long, default_value_t = 200)]
+    wait_count: usize,
+    #[arg(long, default_value_t = 20)]
+    wait_warmup: usize,
+    /// Waits phase: every time (transitions, API latency, the driver's schedules) times this.
+    #[arg(long, default_value_t = 0.1)]
+    wait_scale: f64,
+    /// Waits phase: concurrencies (waits of each kind in flight).
+    #[arg(long, value_delimiter = ',', default_value = "1,50")]
+    wait_concurrency: Vec<usize>,
+    /// Waits phase: the poll costs of the spread cloud's overshoot/calls curve.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.005,0.01,0.02,0.03,0.05,0.1"
+    )]
+    wait_curve: Vec<f64>,
+    /// Waits phase: the clouds (steady, spread).
+    #[arg(long, value_delimiter = ',', default_value = "steady,spread")]
+    wait_clouds: Vec<String>,
+    /// Waits phase: also run learned rigs that do not share volume/list between waiting
+    /// volumes, to show what sharing saves.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    wait_share_experiment: bool,
+    /// Skip phases: any of serial, throughput, scale, target, stage, waits.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Where the JSON goes (default: target/bench/driver.json).
@@ -147,6 +176,11 @@ impl Args {
         self.target_concurrency = 10;
         self.stage_samples = 1;
         self.stage_size_gb = 1;
+        self.wait_count = 10;
+        self.wait_warmup = 5;
+        self.wait_scale = self.wait_scale.min(0.02);
+        self.wait_concurrency = vec![1, 4];
+        self.wait_curve = vec![0.01, 0.1];
         self
     }
 
@@ -1259,6 +1293,9 @@ fn print_report(r: &Value) {
             f(get(t, "driver_peak_kib") / 1024.0)
         );
     }
+    if let Some(w) = r.get("waits").filter(|v| !v.is_null()) {
+        waits::print_waits(w);
+    }
     if let Some(s) = r.get("stage").filter(|v| !v.is_null()) {
         if let Some(why) = s.get("skipped") {
             println!("\nNodeStageVolume: skipped ({why})");
@@ -1349,6 +1386,12 @@ async fn bench(args: Args) -> Value {
     } else {
         None
     };
+    let waits = if args.runs("waits") {
+        eprintln!("waits");
+        Some(waits::phase_waits(&args).await)
+    } else {
+        None
+    };
     let opt = |v: Vec<Value>| (!v.is_empty()).then(|| median_of(&v));
     json!({
         "machine": machine(),
@@ -1367,6 +1410,7 @@ async fn bench(args: Args) -> Value {
         "memory": opt(memory.clone()),
         "stage": opt(stage.clone()),
         "target": target,
+        "waits": waits,
         "runs": {"serial": serial, "throughput": throughput, "scale": scale, "memory": memory, "stage": stage},
     })
 }
@@ -1408,5 +1452,6 @@ fn main() {
         let back: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         assert!(back["serial"]["rpcs"]["CreateVolume"].is_object());
         assert!(back["target"]["api_calls"].as_u64().unwrap() > 0);
+        assert!(back["waits"]["results"][0]["kinds"]["attach"].is_object());
     }
 }

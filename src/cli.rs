@@ -133,6 +133,27 @@ pub struct ControllerArgs {
     /// Largest volume the driver creates, in GB.
     #[arg(long, env = "LUNANODE_MAX_VOLUME_SIZE_GB", default_value_t = 16_384)]
     pub max_volume_size_gb: u64,
+    /// How waits for the cloud poll: learned per kind of transition, or the old fixed
+    /// backoff (0 s, 0.5 s, then x1.5 up to 5 s).
+    #[arg(
+        long,
+        env = "LUNANODE_CSI_WAIT_SCHEDULE",
+        value_enum,
+        default_value = "learned"
+    )]
+    pub wait_schedule: crate::driver::controller::wait::ScheduleName,
+    /// Learned waits: what one poll is worth, as a fraction of a transition's time (lower:
+    /// more polls, answers closer to the cloud being ready).
+    #[arg(long, env = "LUNANODE_CSI_WAIT_POLL_COST", default_value_t = crate::driver::controller::wait::DEFAULT_POLL_COST)]
+    pub wait_poll_cost: f64,
+    /// For benchmarks only: multiply every time of the wait schedules by this, to match a
+    /// simulator whose transitions are scaled the same way.
+    #[arg(long, env = "LUNANODE_CSI_WAIT_TIME_SCALE", default_value_t = 1.0)]
+    pub wait_time_scale: f64,
+    /// While several volumes are waited for, poll them through one shared volume/list
+    /// instead of a volume/info each.
+    #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wait_share_list: bool,
 }
 
 impl ControllerArgs {
@@ -149,7 +170,25 @@ impl ControllerArgs {
                 "volume size bounds must satisfy 1 <= min <= max".into(),
             ));
         }
+        if !(self.wait_poll_cost.is_finite() && self.wait_poll_cost >= 0.0) {
+            return Err(CommandError::Config(
+                "--wait-poll-cost must be 0 or more".into(),
+            ));
+        }
+        if !(self.wait_time_scale.is_finite() && self.wait_time_scale > 0.0) {
+            return Err(CommandError::Config("--wait-time-scale must be above 0".into()));
+        }
+        let scale = self.wait_time_scale;
         Ok(ControllerConfig {
+            wait: crate::driver::controller::wait::WaitPolicy {
+                share_list: self.wait_share_list,
+                ..crate::driver::controller::wait::WaitPolicy::new(
+                    self.wait_schedule,
+                    self.wait_poll_cost,
+                    scale,
+                )
+            },
+            backoff: crate::driver::controller::wait::Backoff::default().scaled(scale),
             default_region: self.default_region.clone(),
             regions: self.regions.clone(),
             default_size_gb: self

@@ -1033,7 +1033,7 @@ async fn transitional_states_and_unsupported_requests() {
     // Status changes take 1.5 s, so a publish cut short by its deadline leaves the volume
     // `attaching` (the API shows no VM yet).
     let h = Harness::start_with(
-        |s| s.transition = Duration::from_millis(1500),
+        |s| s.transition = Duration::from_millis(1500).into(),
         controller_config(),
     )
     .await;

@@ -171,7 +171,7 @@ async fn volume_life_with_offline_expansion_keeps_data_and_grows_the_filesystem(
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let mut cfg = sim_config(&root);
     cfg.backing = Backing::Loop;
-    cfg.transition = Duration::from_millis(50);
+    cfg.transition = Duration::from_millis(50).into();
     cfg.vms = vec![VmSpec {
         region: "toronto".into(),
         name: Some("node-1".into()),

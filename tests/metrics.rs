@@ -196,6 +196,19 @@ async fn rpcs_and_api_requests_are_counted_and_served_over_http() {
         3.0,
     );
     assert!(sample(&text, r#"lunanode_api_retries_total{action="volume/info"}"#).is_none());
+    // The create's wait for `available`: instant in the embedded simulator, so one poll.
+    want(
+        r#"csi_wait_polls_count{kind="create",result="ready",transition="started"}"#,
+        1.0,
+    );
+    want(
+        r#"csi_wait_polls_sum{kind="create",result="ready",transition="started"}"#,
+        1.0,
+    );
+    want(
+        r#"csi_wait_duration_seconds_count{kind="create",result="ready",transition="started"}"#,
+        1.0,
+    );
     for name in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",

@@ -927,7 +927,7 @@ async fn rate_limit_answers_429() {
 #[tokio::test]
 async fn transitions_and_latency_take_time() {
     let (h, api) = sim(SimConfig {
-        transition: Duration::from_millis(600),
+        transition: Duration::from_millis(600).into(),
         latency: Duration::from_millis(50),
         ..SimConfig::default()
     })

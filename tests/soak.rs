@@ -369,7 +369,7 @@ async fn soak_round(node: bool, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut scfg = common::sim_config(dir.path());
     scfg.backing = if node { Backing::Loop } else { Backing::Memory };
-    scfg.transition = Duration::from_millis(5);
+    scfg.transition = Duration::from_millis(5).into();
     scfg.seed = seed;
     let sim = SimHandle::start(scfg).await.unwrap();
     sim.set_fault_timeout(Duration::from_millis(400));

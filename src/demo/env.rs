@@ -77,7 +77,7 @@ pub async fn start_sim(
             region: "toronto".into(),
             name: Some("node-1".into()),
         }],
-        transition,
+        transition: transition.into(),
         seed: fastrand::u64(..),
         ..SimConfig::default()
     };

@@ -36,6 +36,24 @@ const API_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Wait buckets, in seconds: cloud transitions take from a fraction of a second to minutes.
+const WAIT_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Polls per wait (each one API call).
+const POLL_BUCKETS: &[f64] = &[
+    1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0,
+];
+
+fn wait_histogram() -> Histogram {
+    Histogram::new(WAIT_BUCKETS.iter().copied())
+}
+
+fn poll_histogram() -> Histogram {
+    Histogram::new(POLL_BUCKETS.iter().copied())
+}
+
 fn rpc_histogram() -> Histogram {
     Histogram::new(RPC_BUCKETS.iter().copied())
 }
@@ -66,6 +84,16 @@ struct Action {
     action: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindResult {
+    kind: &'static str,
+    result: &'static str,
+    /// `started`: the call made the change it waits for (what the learned schedule learns
+    /// from); `joined`: it found the change under way or done (a retried RPC, a restore's
+    /// check of its source snapshot), often a single poll.
+    transition: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The driver's metrics and the registry that exposes them.
@@ -78,6 +106,8 @@ pub struct Metrics {
     api_duration: HistogramFamily<Action>,
     api_retries: Family<Action, Counter>,
     api_throttled: Family<Action, Counter>,
+    wait_duration: HistogramFamily<KindResult>,
+    wait_polls: HistogramFamily<KindResult>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +133,8 @@ impl Metrics {
         let api_duration = HistogramFamily::<Action>::new_with_constructor(api_histogram);
         let api_retries = Family::<Action, Counter>::default();
         let api_throttled = Family::<Action, Counter>::default();
+        let wait_duration = HistogramFamily::<KindResult>::new_with_constructor(wait_histogram);
+        let wait_polls = HistogramFamily::<KindResult>::new_with_constructor(poll_histogram);
         registry.register(
             "csi_rpc_requests",
             "CSI RPCs answered, by method and gRPC code",
@@ -138,6 +170,16 @@ impl Metrics {
             "Luna Node API requests refused by the cloud's rate limit, by action",
             api_throttled.clone(),
         );
+        registry.register(
+            "csi_wait_duration_seconds",
+            "Time the controller waited for a cloud transition, by kind (create, attach, …), result (ready, failed, timeout) and whether the call started the transition or joined it",
+            wait_duration.clone(),
+        );
+        registry.register(
+            "csi_wait_polls",
+            "Status checks (API calls) one wait for a cloud transition made, by kind, result and whether the call started the transition or joined it",
+            wait_polls.clone(),
+        );
         registry.register_collector(Box::new(process::ProcessCollector));
         Metrics {
             registry,
@@ -148,6 +190,8 @@ impl Metrics {
             api_duration,
             api_retries,
             api_throttled,
+            wait_duration,
+            wait_polls,
         }
     }
 
@@ -191,6 +235,29 @@ impl Metrics {
         if result == "throttled" {
             self.api_throttled.get_or_create(&Action { action }).inc();
         }
+    }
+
+    /// A wait for a cloud transition ended.
+    pub fn wait_finished(
+        &self,
+        kind: &'static str,
+        result: &'static str,
+        started: bool,
+        took: Duration,
+        polls: u32,
+    ) {
+        let transition = if started { "started" } else { "joined" };
+        let labels = KindResult {
+            kind,
+            result,
+            transition,
+        };
+        self.wait_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.wait_polls
+            .get_or_create(&labels)
+            .observe(f64::from(polls));
     }
 
     /// An API request is about to be repeated.
@@ -306,6 +373,8 @@ mod tests {
         });
         m.api_attempt("volume/info", &throttled, Duration::from_millis(1));
         m.api_retry("volume/info");
+        m.wait_finished("attach", "ready", true, Duration::from_millis(2500), 3);
+        m.wait_finished("snapshot", "ready", false, Duration::ZERO, 1);
 
         let text = m.encode();
         for want in [
@@ -320,6 +389,11 @@ mod tests {
             r#"lunanode_api_throttled_total{action="volume/info"} 1"#,
             r#"lunanode_api_retries_total{action="volume/info"} 1"#,
             r#"lunanode_api_request_duration_seconds_count{action="volume/list"} 1"#,
+            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",transition="started",le="3"} 1"#,
+            r#"csi_wait_duration_seconds_bucket{kind="attach",result="ready",transition="started",le="2"} 0"#,
+            r#"csi_wait_polls_sum{kind="attach",result="ready",transition="started"} 3.0"#,
+            r#"csi_wait_polls_count{kind="attach",result="ready",transition="started"} 1"#,
+            r#"csi_wait_polls_count{kind="snapshot",result="ready",transition="joined"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
         }

@@ -155,7 +155,7 @@ fn run(w: &mut World, now: Instant, handler: &str, p: &Params) -> Result<Value, 
             Ok(ok(json!({})))
         }
         "volume/extend" => {
-            let (id, size) = c.extend(p.req("volume_id")?, p.req("size")?)?;
+            let (id, size) = c.extend(now, p.req("volume_id")?, p.req("size")?)?;
             store.extend(id, size).map_err(backend)?;
             Ok(ok(json!({})))
         }

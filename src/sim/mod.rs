@@ -12,6 +12,7 @@ mod faults;
 mod http;
 mod sign;
 pub mod state;
+pub mod transitions;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ pub use faults::FaultKind;
 pub use http::{AUTH_ERROR, RATE_LIMIT_ERROR, TRANSIENT_ERROR};
 pub use sign::signature;
 pub use state::REGIONS;
+pub use transitions::{Span, TransitionItem, TransitionKind, TransitionRecord, Transitions};
 
 use backing::Store;
 use faults::{Faults, TokenBucket};
@@ -85,7 +87,8 @@ pub struct SimConfig {
     pub by_id_dir: PathBuf,
     pub vms: Vec<VmSpec>,
     pub latency: Duration,
-    pub transition: Duration,
+    /// How long status transitions take, per kind.
+    pub transition: Transitions,
     pub fault_rate: f64,
     pub seed: u64,
     pub refuse_delete_with_snapshots: bool,
@@ -106,7 +109,7 @@ impl Default for SimConfig {
                 name: None,
             }],
             latency: Duration::ZERO,
-            transition: Duration::ZERO,
+            transition: Transitions::default(),
             fault_rate: 0.0,
             seed: 1,
             refuse_delete_with_snapshots: false,
@@ -344,7 +347,7 @@ impl SimHandle {
         let api_key = sign::random_token(&mut rng, 128);
         let mut cloud = Cloud::new(
             Rules {
-                transition: cfg.transition,
+                transitions: cfg.transition,
                 refuse_delete_with_snapshots: cfg.refuse_delete_with_snapshots,
                 max_volumes_per_vm: state::MAX_VOLUMES_PER_VM,
             },
@@ -560,9 +563,20 @@ impl SimHandle {
         *lock(&self.inner.latency) = d;
     }
 
-    /// Change how long status transitions take (for changes started from now on).
+    /// Make every status transition take `d` (for changes started from now on).
     pub fn set_transition(&self, d: Duration) {
-        lock(&self.inner.world).cloud.rules.transition = d;
+        self.set_transitions(d.into());
+    }
+
+    /// Change how long status transitions take, per kind (for changes started from now on).
+    pub fn set_transitions(&self, t: Transitions) {
+        lock(&self.inner.world).cloud.rules.transitions = t;
+    }
+
+    /// The transitions made since the start or the last call (at most the last 100,000):
+    /// when each started, was ready, and was first used as a source.
+    pub fn take_transitions(&self) -> Vec<TransitionRecord> {
+        lock(&self.inner.world).cloud.log.take()
     }
 
     /// Create another VM.
@@ -634,9 +648,20 @@ pub struct SimArgs {
     /// Latency added to every request, in milliseconds.
     #[arg(long, env = "LUNANODE_SIM_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
-    /// How long status transitions (creating, attaching, detaching, pending) take, in ms.
-    #[arg(long, env = "LUNANODE_SIM_TRANSITION_MS", default_value_t = 0)]
-    pub transition_ms: u64,
+    /// How long status transitions (creating, attaching, detaching, extending, pending)
+    /// take, in ms, drawn per operation from the seed: `MS`, or `LO..HI` (uniform), for every
+    /// kind, or `KIND=MS` / `KIND=LO..HI` for one kind (create, create-from-source, attach,
+    /// detach, extend, snapshot, replicate); or a named shape: `steady` (each kind within
+    /// ±10% of its own mean: create 3000, create-from-source 4000, attach 2000, detach 2000,
+    /// extend 3000, snapshot 3000, replicate 5000) or `spread` (every kind 2000..8000).
+    /// Comma-separated or repeated; later items win. Default: instant.
+    #[arg(
+        long,
+        env = "LUNANODE_SIM_TRANSITION_MS",
+        value_delimiter = ',',
+        value_name = "SPEC"
+    )]
+    pub transition_ms: Vec<TransitionItem>,
     /// Probability (0 to 1) that a request fails with an injected fault.
     #[arg(long, env = "LUNANODE_SIM_FAULT_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub fault_rate: f64,
@@ -683,7 +708,7 @@ impl SimArgs {
             by_id_dir: self.by_id_dir.clone().unwrap_or_default(),
             vms,
             latency: Duration::from_millis(self.latency_ms),
-            transition: Duration::from_millis(self.transition_ms),
+            transition: Transitions::from_items(&self.transition_ms),
             fault_rate: self.fault_rate,
             seed: self.seed.unwrap_or_else(|| fastrand::u64(..)),
             refuse_delete_with_snapshots: self.refuse_delete_with_snapshots,

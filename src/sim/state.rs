@@ -3,9 +3,10 @@
 //! transitions can be tested without sleeping.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use super::SimVm;
+use super::transitions::{TransitionKind, TransitionLog, TransitionRecord, Transitions};
 
 /// The regions the cloud has.
 pub const REGIONS: [&str; 3] = ["toronto", "montreal", "roubaix"];
@@ -116,8 +117,8 @@ impl Vm {
 /// Settings of the model.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
-    /// How long `creating`, `attaching`, `detaching` and `pending` last.
-    pub transition: Duration,
+    /// How long `creating`, `attaching`, `detaching`, `extending` and `pending` last.
+    pub transitions: Transitions,
     /// Refuse `volume/delete` while the volume has snapshots.
     pub refuse_delete_with_snapshots: bool,
     /// Volumes one VM can have attached (virtio slots minus the boot disk).
@@ -138,6 +139,9 @@ pub struct Cloud {
     next_volume: u64,
     next_image: u64,
     rng: fastrand::Rng,
+    /// Draws transition durations (apart from `rng`, so that IDs do not depend on timing).
+    timing: fastrand::Rng,
+    pub log: TransitionLog,
 }
 
 /// Show a caller-supplied value in a message only when it is short and plain, so that odd
@@ -218,6 +222,8 @@ impl Cloud {
             next_volume: 4682,
             next_image: 141_129,
             rng: fastrand::Rng::with_seed(seed ^ 0x005e_ed0f_c10d),
+            timing: fastrand::Rng::with_seed(seed ^ 0x7157_0000_d1a7),
+            log: TransitionLog::default(),
         }
     }
 
@@ -249,18 +255,28 @@ impl Cloud {
         })
     }
 
-    fn pending(&self, now: Instant, to: &'static str) -> (Option<Pending>, &'static str) {
-        if self.rules.transition.is_zero() {
-            (None, to)
-        } else {
-            (
-                Some(Pending {
-                    at: now + self.rules.transition,
-                    to,
-                }),
-                "",
-            )
+    /// A transition of `object` starting `now`: its duration is drawn for `kind`, and it
+    /// is logged unless it completes at once.
+    fn pending(
+        &mut self,
+        now: Instant,
+        kind: TransitionKind,
+        object: String,
+        to: &'static str,
+    ) -> (Option<Pending>, &'static str) {
+        let d = self.rules.transitions.draw(kind, &mut self.timing);
+        if d.is_zero() {
+            return (None, to);
         }
+        let at = now + d;
+        self.log.push(TransitionRecord {
+            kind,
+            object,
+            started: now,
+            ready: at,
+            used: None,
+        });
+        (Some(Pending { at, to }), "")
     }
 
     /// Complete every transition that is due by `now`.
@@ -295,8 +311,15 @@ impl Cloud {
     }
 
     /// Set a volume's status, now or after the transition time.
-    fn transition(&mut self, now: Instant, id: u64, during: &'static str, to: &'static str) {
-        let (pending, immediate) = self.pending(now, to);
+    fn transition(
+        &mut self,
+        now: Instant,
+        kind: TransitionKind,
+        id: u64,
+        during: &'static str,
+        to: &'static str,
+    ) {
+        let (pending, immediate) = self.pending(now, kind, id.to_string(), to);
         let v = self.volumes.get_mut(&id).expect("volume exists");
         if pending.is_some() {
             v.status = during;
@@ -423,7 +446,19 @@ impl Cloud {
         let id = self.next_volume;
         self.next_volume += 1;
         let identification = self.uuid();
-        let (pending, status) = self.pending(now, "available");
+        let kind = match &source {
+            Source::Empty => TransitionKind::Create,
+            Source::Snapshot(sid) => {
+                self.log.used(TransitionKind::Snapshot, sid, now);
+                TransitionKind::CreateFromSource
+            }
+            Source::Image(iid) => {
+                self.log
+                    .used(TransitionKind::Replicate, &iid.to_string(), now);
+                TransitionKind::CreateFromSource
+            }
+        };
+        let (pending, status) = self.pending(now, kind, id.to_string(), "available");
         self.volumes.insert(
             id,
             Volume {
@@ -503,7 +538,7 @@ impl Cloud {
             )));
         }
         self.volumes.get_mut(&id).expect("volume exists").vm = Some(vm_id);
-        self.transition(now, id, "attaching", "in-use");
+        self.transition(now, TransitionKind::Attach, id, "attaching", "in-use");
         Ok(id)
     }
 
@@ -521,12 +556,12 @@ impl Cloud {
             }
             _ => return Err(CloudError::new(format!("volume {id} is not attached"))),
         }
-        self.transition(now, id, "detaching", "available");
+        self.transition(now, TransitionKind::Detach, id, "detaching", "available");
         Ok(id)
     }
 
     /// `volume/extend`. Returns the volume's ID and new size.
-    pub fn extend(&mut self, volume_id: &str, size: &str) -> Res<(u64, u64)> {
+    pub fn extend(&mut self, now: Instant, volume_id: &str, size: &str) -> Res<(u64, u64)> {
         let v = self.volume(volume_id)?;
         let id = v.id;
         let size_gb = parse_size(size)?;
@@ -548,6 +583,7 @@ impl Cloud {
             )));
         }
         self.volumes.get_mut(&id).expect("volume exists").size_gb = size_gb;
+        self.transition(now, TransitionKind::Extend, id, "extending", "available");
         Ok((id, size_gb))
     }
 
@@ -610,7 +646,8 @@ impl Cloud {
             return Err(CloudError::new("invalid label: empty"));
         }
         let id = self.uuid();
-        let (pending, status) = self.pending(now, "available");
+        let (pending, status) =
+            self.pending(now, TransitionKind::Snapshot, id.clone(), "available");
         self.snapshots.insert(
             id.clone(),
             Snapshot {
@@ -661,7 +698,8 @@ impl Cloud {
         let (size_gb, sid) = (s.size_gb, s.id.clone());
         let id = self.next_image;
         self.next_image += 1;
-        let (pending, status) = self.pending(now, "active");
+        let (pending, status) =
+            self.pending(now, TransitionKind::Replicate, id.to_string(), "active");
         self.images.insert(
             id,
             Image {
@@ -708,11 +746,13 @@ impl Cloud {
 mod tests {
     use super::*;
     use crate::lunanode::ApiError;
+    use crate::sim::transitions::Span;
+    use std::time::Duration;
 
     fn cloud(transition_ms: u64, refuse: bool) -> (Cloud, String, String) {
         let mut c = Cloud::new(
             Rules {
-                transition: Duration::from_millis(transition_ms),
+                transitions: Duration::from_millis(transition_ms).into(),
                 refuse_delete_with_snapshots: refuse,
                 max_volumes_per_vm: 2,
             },
@@ -801,7 +841,7 @@ mod tests {
         err(c.volume("abc"), K::NotFound);
         err(c.attach(n, "12", &t, "auto"), K::NotFound);
         err(c.detach(n, "12"), K::NotFound);
-        err(c.extend("12", "5"), K::NotFound);
+        err(c.extend(n, "12", "5"), K::NotFound);
         err(c.rename("12", "x"), K::NotFound);
         err(c.delete_volume("12"), K::NotFound);
         err(c.snapshot_create(n, "12", "s"), K::NotFound);
@@ -870,7 +910,7 @@ mod tests {
             msg,
             format!("volume {id} is attached to vm {t}; detach it first")
         );
-        err(c.extend(&ids, "5"), K::State);
+        err(c.extend(n, &ids, "5"), K::State);
         c.detach(n, &ids).unwrap();
         let v = c.volume(&ids).unwrap();
         assert_eq!((v.status, v.attached()), ("available", ""));
@@ -885,10 +925,10 @@ mod tests {
         let n = now();
         let (id, _) = c.create_volume(n, "toronto", "a", "2", None, None).unwrap();
         let ids = id.to_string();
-        err(c.extend(&ids, "2"), K::Invalid);
-        err(c.extend(&ids, "1"), K::Invalid);
-        err(c.extend(&ids, "x"), K::Invalid);
-        assert_eq!(c.extend(&ids, "3").unwrap(), (id, 3));
+        err(c.extend(n, &ids, "2"), K::Invalid);
+        err(c.extend(n, &ids, "1"), K::Invalid);
+        err(c.extend(n, &ids, "x"), K::Invalid);
+        assert_eq!(c.extend(n, &ids, "3").unwrap(), (id, 3));
         assert_eq!(c.volume(&ids).unwrap().size_gb, 3);
         c.rename(&ids, "b").unwrap();
         assert_eq!(c.volume(&ids).unwrap().label, "b");
@@ -968,6 +1008,64 @@ mod tests {
             None,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn transitions_are_drawn_per_kind_and_logged() {
+        let (mut c, t, _) = cloud(0, false);
+        let ms = Duration::from_millis;
+        c.rules
+            .transitions
+            .set(TransitionKind::Create, Span::fixed(ms(100)));
+        c.rules
+            .transitions
+            .set(TransitionKind::Extend, Span::fixed(ms(300)));
+        c.rules.transitions.set(
+            TransitionKind::Snapshot,
+            Span {
+                lo: ms(400),
+                hi: ms(500),
+            },
+        );
+        let t0 = now();
+        let (id, _) = c
+            .create_volume(t0, "toronto", "a", "1", None, None)
+            .unwrap();
+        let ids = id.to_string();
+        // Attach was left instant: no transition, nothing logged.
+        c.settle(t0 + ms(100));
+        c.attach(t0 + ms(100), &ids, &t, "auto").unwrap();
+        assert_eq!(c.volume(&ids).unwrap().status, "in-use");
+        let (sid, _) = c.snapshot_create(t0 + ms(100), &ids, "s").unwrap();
+        c.detach(t0 + ms(100), &ids).unwrap();
+        c.extend(t0 + ms(100), &ids, "2").unwrap();
+        let v = c.volume(&ids).unwrap();
+        assert_eq!((v.status, v.size_gb), ("extending", 2));
+        c.settle(t0 + ms(399));
+        assert_eq!(c.volume(&ids).unwrap().status, "extending");
+        c.settle(t0 + ms(400));
+        assert_eq!(c.volume(&ids).unwrap().status, "available");
+        c.settle(t0 + ms(600));
+        let (v2, _) = c
+            .create_volume(t0 + ms(700), "toronto", "b", "1", None, Some(&sid))
+            .unwrap();
+        assert_eq!(c.volume(&v2.to_string()).unwrap().status, "available");
+        let log = c.log.take();
+        let kinds: Vec<_> = log.iter().map(|r| (r.kind, r.object.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (TransitionKind::Create, ids.as_str()),
+                (TransitionKind::Snapshot, sid.as_str()),
+                (TransitionKind::Extend, ids.as_str())
+            ]
+        );
+        assert_eq!(log[0].ready - log[0].started, ms(100));
+        let snap = &log[1];
+        assert!(snap.ready - snap.started >= ms(400) && snap.ready - snap.started <= ms(500));
+        assert_eq!(snap.used, Some(t0 + ms(700)));
+        assert_eq!(log[2].used, None);
+        assert!(c.log.take().is_empty());
     }
 
     #[test]

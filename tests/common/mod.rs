@@ -110,7 +110,7 @@ pub fn sim_config(dir: &Path) -> SimConfig {
             },
         ],
         latency: Duration::ZERO,
-        transition: Duration::ZERO,
+        transition: Duration::ZERO.into(),
         fault_rate: 0.0,
         seed: 7,
         refuse_delete_with_snapshots: false,

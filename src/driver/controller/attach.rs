@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::Inner;
-use super::wait::{self, Deadline};
+use super::wait::{Deadline, WaitKind};
 use crate::csi::*;
 use crate::driver::error::Error;
 use crate::driver::node::{CTX_SERIAL, CTX_SIZE_BYTES};
@@ -75,6 +75,8 @@ impl Inner {
                 vref.region
             )));
         }
+        // Whether this call starts the attach (else it joins one under way).
+        let mut fresh = false;
         match vol.attached_vm() {
             Some(vm) if vm == node && vol.status == "in-use" => {
                 return Ok(ControllerPublishVolumeResponse {
@@ -102,7 +104,9 @@ impl Inner {
                 )));
             }
             None => {
+                fresh = true;
                 if let Err(e) = self.client.volume_attach(vref.id, node, "auto").await {
+                    fresh = false;
                     // After a lost reply the repeat is refused as "already attached": check.
                     let now = self.client.volume_info(vref.id).await?;
                     if now.attached_vm() != Some(node) {
@@ -120,21 +124,24 @@ impl Inner {
             }
         }
         let what = format!("volume {vref} to attach to node {node}");
-        let vol = wait::until(deadline, self.cfg.backoff, &what, || async {
-            let v = self.client.volume_info(vref.id).await?;
-            match v.attached_vm() {
-                Some(vm) if vm == node && v.status == "in-use" => Ok(Some(v)),
-                Some(vm) if vm != node => Err(Error::FailedPrecondition(format!(
-                    "volume {vref} was attached to node {vm} meanwhile"
-                ))),
-                _ if v.readiness() == Readiness::Failed => Err(Error::Internal(format!(
-                    "attaching volume {vref} failed: status {:?}",
-                    v.status
-                ))),
-                _ => Ok(None),
-            }
-        })
-        .await?;
+        let kind = WaitKind::Attach;
+        let vol = self
+            .waits
+            .until(kind, fresh, deadline, &what, || async {
+                let v = self.poll_volume(vref.id).await?;
+                match v.attached_vm() {
+                    Some(vm) if vm == node && v.status == "in-use" => Ok(Some(v)),
+                    Some(vm) if vm != node => Err(Error::FailedPrecondition(format!(
+                        "volume {vref} was attached to node {vm} meanwhile"
+                    ))),
+                    _ if v.readiness() == Readiness::Failed => Err(Error::Internal(format!(
+                        "attaching volume {vref} failed: status {:?}",
+                        v.status
+                    ))),
+                    _ => Ok(None),
+                }
+            })
+            .await?;
         Ok(ControllerPublishVolumeResponse {
             publish_context: publish_context(&vol),
         })
@@ -163,8 +170,11 @@ impl Inner {
             }
             return Ok(ControllerUnpublishVolumeResponse {});
         }
+        let mut fresh = false;
         if vol.status != "detaching" {
+            fresh = true;
             if let Err(e) = self.client.volume_detach(vref.id).await {
+                fresh = false;
                 let now = self.client.volume_info(vref.id).await?;
                 if attached_here(&now) && now.status != "detaching" {
                     return Err(match e {
@@ -177,16 +187,18 @@ impl Inner {
             }
         }
         let what = format!("volume {vref} to detach");
-        wait::until(deadline, self.cfg.backoff, &what, || async {
-            match self.client.volume_info(vref.id).await {
-                Ok(v) => Ok((!attached_here(&v) || v.attached_vm().is_none())
-                    .then_some(())
-                    .filter(|_| v.status != "detaching")),
-                Err(ApiError::NotFound { .. }) => Ok(Some(())),
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await?;
+        let kind = WaitKind::Detach;
+        self.waits
+            .until(kind, fresh, deadline, &what, || async {
+                match self.poll_volume(vref.id).await {
+                    Ok(v) => Ok((!attached_here(&v) || v.attached_vm().is_none())
+                        .then_some(())
+                        .filter(|_| v.status != "detaching")),
+                    Err(ApiError::NotFound { .. }) => Ok(Some(())),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await?;
         Ok(ControllerUnpublishVolumeResponse {})
     }
 }

