@@ -287,7 +287,14 @@ pub struct Waits {
     metrics: OnceLock<Arc<Metrics>>,
     /// Waits for a volume's status under way now.
     volume_waits: std::sync::atomic::AtomicUsize,
+    /// How many volumes the last `volume/list` carried (0: none seen yet).
+    listed: std::sync::atomic::AtomicUsize,
 }
+
+/// A shared list is used only while it answers at least one waiter per this many volumes
+/// it carries: on an account with thousands of volumes, a few waiters' polls are cheaper as
+/// `volume/info` calls than as whole lists held in memory.
+const VOLUMES_PER_WAITER: usize = 10;
 
 /// Counts a volume wait as under way until dropped.
 struct Active<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
@@ -316,13 +323,24 @@ impl Waits {
             estimators: Default::default(),
             metrics: OnceLock::new(),
             volume_waits: Default::default(),
+            listed: Default::default(),
         }
     }
 
-    /// Whether a volume's poll should go through the shared `volume/list`: sharing is on
-    /// and another volume wait is under way to share it with.
+    /// A `volume/list` just answered with `n` volumes.
+    pub fn listed(&self, n: usize) {
+        self.listed.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a volume's poll should go through the shared `volume/list`: sharing is on,
+    /// another volume wait is under way to share it with, and the list is not much longer
+    /// than the waiters it would answer.
     pub fn share_volume_list(&self) -> bool {
-        self.policy.share_list && self.volume_waits.load(std::sync::atomic::Ordering::Relaxed) > 1
+        use std::sync::atomic::Ordering::Relaxed;
+        let waiters = self.volume_waits.load(Relaxed);
+        self.policy.share_list
+            && waiters > 1
+            && waiters * VOLUMES_PER_WAITER >= self.listed.load(Relaxed)
     }
 
     /// Report every wait's duration and polls to `metrics` from now on.
@@ -657,6 +675,40 @@ mod tests {
             e.plan(0.03, Duration::from_millis(100)),
             vec![Duration::from_secs(9)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lists_are_shared_only_between_several_waiters_on_a_small_enough_account() {
+        let w = waits(Schedule::Fixed);
+        let deadline = Deadline::new(None, Duration::from_secs(60));
+        let seen = std::cell::RefCell::new(Vec::new());
+        let (seen_ref, w_ref) = (&seen, &w);
+        // Each check yields before and after looking, so that waits joined together are
+        // all under way when each looks.
+        let poll = |kind| {
+            w_ref.until(kind, false, deadline, "x", move || async move {
+                tokio::task::yield_now().await;
+                seen_ref.borrow_mut().push(w_ref.share_volume_list());
+                tokio::task::yield_now().await;
+                Ok(Some(()))
+            })
+        };
+        poll(WaitKind::Attach).await.unwrap();
+        // Two volume waits at once share; a snapshot wait is no volume wait.
+        let (a, b) = tokio::join!(poll(WaitKind::Attach), poll(WaitKind::Create));
+        a.unwrap();
+        b.unwrap();
+        tokio::join!(poll(WaitKind::Attach), poll(WaitKind::Snapshot))
+            .0
+            .unwrap();
+        assert_eq!(*seen.borrow(), [false, true, true, false, false]);
+        // A list of 25 volumes for 2 waiters is too long to share.
+        w.listed(25);
+        seen.borrow_mut().clear();
+        let (a, b) = tokio::join!(poll(WaitKind::Attach), poll(WaitKind::Create));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(*seen.borrow(), [false, false]);
     }
 
     #[test]
