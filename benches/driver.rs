@@ -180,7 +180,8 @@ impl Args {
         self.wait_warmup = 5;
         self.wait_scale = self.wait_scale.min(0.02);
         self.wait_concurrency = vec![1, 4];
-        self.wait_curve = vec![0.01, 0.1];
+        self.wait_curve = vec![0.1];
+        self.wait_share_experiment = false;
         self
     }
 
