@@ -176,7 +176,9 @@ impl ControllerArgs {
             ));
         }
         if !(self.wait_time_scale.is_finite() && self.wait_time_scale > 0.0) {
-            return Err(CommandError::Config("--wait-time-scale must be above 0".into()));
+            return Err(CommandError::Config(
+                "--wait-time-scale must be above 0".into(),
+            ));
         }
         let scale = self.wait_time_scale;
         Ok(ControllerConfig {
