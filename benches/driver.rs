@@ -141,12 +141,15 @@ struct Args {
     /// Waits phase: concurrencies (waits of each kind in flight).
     #[arg(long, value_delimiter = ',', default_value = "1,50")]
     wait_concurrency: Vec<usize>,
-    /// Waits phase: the poll costs of the spread cloud's overshoot/calls curve.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "0.005,0.01,0.02,0.03,0.05,0.1"
-    )]
+    /// Waits phase: the learned rigs' poll cost (default: the driver's default).
+    #[arg(long)]
+    wait_poll_cost: Option<f64>,
+    /// Waits phase: the learned rigs' call budget (default: the driver's default).
+    #[arg(long)]
+    wait_call_budget: Option<f64>,
+    /// Waits phase: the call budgets of the spread cloud's overshoot/calls curve (`inf`:
+    /// uncapped, the poll cost alone).
+    #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.25,1.5,inf")]
     wait_curve: Vec<f64>,
     /// Waits phase: the clouds (steady, spread).
     #[arg(long, value_delimiter = ',', default_value = "steady,spread")]
@@ -180,7 +183,7 @@ impl Args {
         self.wait_warmup = 5;
         self.wait_scale = self.wait_scale.min(0.02);
         self.wait_concurrency = vec![1, 4];
-        self.wait_curve = vec![0.1];
+        self.wait_curve = vec![0.6];
         self.wait_share_experiment = false;
         self
     }

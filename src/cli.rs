@@ -142,10 +142,15 @@ pub struct ControllerArgs {
         default_value = "learned"
     )]
     pub wait_schedule: crate::driver::controller::wait::ScheduleName,
-    /// Learned waits: what one poll is worth, as a fraction of a transition's time (lower:
-    /// more polls, answers closer to the cloud being ready).
+    /// Learned waits: the least one more poll must save, as a fraction of a transition's
+    /// time (lower: more polls, answers closer to the cloud being ready).
     #[arg(long, env = "LUNANODE_CSI_WAIT_POLL_COST", default_value_t = crate::driver::controller::wait::DEFAULT_POLL_COST)]
     pub wait_poll_cost: f64,
+    /// Learned waits: at most this many times the API calls per wait the fixed backoff
+    /// would make for the same transitions (1: never more calls than the fixed backoff;
+    /// `inf`: no cap, the poll cost alone decides).
+    #[arg(long, env = "LUNANODE_CSI_WAIT_CALL_BUDGET", default_value_t = crate::driver::controller::wait::DEFAULT_CALL_BUDGET)]
+    pub wait_call_budget: f64,
     /// For benchmarks only: multiply every time of the wait schedules by this, to match a
     /// simulator whose transitions are scaled the same way.
     #[arg(long, env = "LUNANODE_CSI_WAIT_TIME_SCALE", default_value_t = 1.0)]
@@ -175,6 +180,11 @@ impl ControllerArgs {
                 "--wait-poll-cost must be 0 or more".into(),
             ));
         }
+        if self.wait_call_budget.is_nan() || self.wait_call_budget <= 0.0 {
+            return Err(CommandError::Config(
+                "--wait-call-budget must be above 0 (inf: no cap)".into(),
+            ));
+        }
         if !(self.wait_time_scale.is_finite() && self.wait_time_scale > 0.0) {
             return Err(CommandError::Config(
                 "--wait-time-scale must be above 0".into(),
@@ -186,7 +196,10 @@ impl ControllerArgs {
                 share_list: self.wait_share_list,
                 ..crate::driver::controller::wait::WaitPolicy::new(
                     self.wait_schedule,
-                    self.wait_poll_cost,
+                    crate::driver::controller::wait::Price {
+                        poll_cost: self.wait_poll_cost,
+                        call_budget: self.wait_call_budget,
+                    },
                     scale,
                 )
             },

@@ -80,11 +80,17 @@ struct Rig {
     cloud: &'static str,
     schedule: &'static str,
     poll_cost: f64,
+    call_budget: f64,
     sim: SimHandle,
     driver: Driver,
     metrics: String,
     fx: Fixture,
     errors: usize,
+}
+
+/// A call budget in the report: `null` for none (JSON has no infinity).
+fn budget_json(b: f64) -> Value {
+    if b.is_finite() { json!(b) } else { Value::Null }
 }
 
 fn free_port() -> u16 {
@@ -154,7 +160,7 @@ impl Rig {
         cloud: &'static str,
         shape: Transitions,
         schedule: &'static str,
-        poll_cost: f64,
+        (poll_cost, call_budget): (f64, f64),
         args: &Args,
     ) -> Rig {
         // "fixed" is the driver as it was: the old backoff, a volume/info per poll.
@@ -173,6 +179,7 @@ impl Rig {
             format!("--metrics-addr={metrics}"),
             format!("--wait-schedule={schedule_flag}"),
             format!("--wait-poll-cost={poll_cost}"),
+            format!("--wait-call-budget={call_budget}"),
             format!("--wait-time-scale={scale}"),
         ]);
         flags.push(format!("--wait-share-list={share}"));
@@ -241,6 +248,7 @@ impl Rig {
             cloud,
             schedule,
             poll_cost,
+            call_budget,
             sim,
             driver,
             metrics,
@@ -518,6 +526,7 @@ async fn measure(
         "cloud": rig.cloud,
         "schedule": rig.schedule,
         "poll_cost": rig.poll_cost,
+        "call_budget": budget_json(rig.call_budget),
         "concurrency": workers,
         "kinds": kinds,
         "all": {
@@ -532,11 +541,16 @@ async fn measure(
     })
 }
 
-/// The phase: every rig at concurrency 1 at once (the poll-cost curve's rigs too), then
+/// The phase: every rig at concurrency 1 at once (the call-budget curve's rigs too), then
 /// each main rig alone at each higher concurrency.
 pub async fn phase_waits(args: &Args) -> Value {
-    let default = lunanode_csi::driver::controller::wait::DEFAULT_POLL_COST;
-    let mut specs: Vec<(&'static str, Transitions, &'static str, f64, bool)> = vec![
+    use lunanode_csi::driver::controller::wait::{DEFAULT_CALL_BUDGET, DEFAULT_POLL_COST};
+    let default = (
+        args.wait_poll_cost.unwrap_or(DEFAULT_POLL_COST),
+        args.wait_call_budget.unwrap_or(DEFAULT_CALL_BUDGET),
+    );
+    type Spec = (&'static str, Transitions, &'static str, (f64, f64), bool);
+    let mut specs: Vec<Spec> = vec![
         ("steady", Transitions::steady(), "fixed", default, true),
         ("steady", Transitions::steady(), "learned", default, true),
         ("spread", Transitions::spread(), "fixed", default, true),
@@ -550,9 +564,10 @@ pub async fn phase_waits(args: &Args) -> Value {
             specs.push((cloud, shape, "learned-unshared", default, true));
         }
     }
-    for &c in &args.wait_curve {
-        if c != default {
-            specs.push(("spread", Transitions::spread(), "learned", c, false));
+    for &budget in &args.wait_curve {
+        if budget != default.1 {
+            let price = (default.0, budget);
+            specs.push(("spread", Transitions::spread(), "learned", price, false));
         }
     }
     specs.retain(|s| args.wait_clouds.iter().any(|c| c == s.0));
@@ -576,10 +591,12 @@ pub async fn phase_waits(args: &Args) -> Value {
     for ((rig, main), r) in rigs.iter().zip(serial.drain(..)) {
         if rig.cloud == "spread" && !rig.schedule.ends_with("-unshared") {
             curve.push(json!({
-                "schedule": rig.schedule,
-                "poll_cost": rig.poll_cost,
-                "all": r["all"].clone(),
-            }));
+                    "schedule": rig.schedule,
+                    "poll_cost": rig.poll_cost,
+                    "call_budget": budget_json(rig.call_budget),
+            "call_budget": budget_json(rig.call_budget),
+                    "all": r["all"].clone(),
+                }));
         }
         if *main {
             results.push(r);
@@ -607,13 +624,15 @@ pub async fn phase_waits(args: &Args) -> Value {
                 }
             }
             results.push(json!({
-                "cloud": rig.cloud,
-                "schedule": rig.schedule,
-                "poll_cost": rig.poll_cost,
-                "concurrency": c,
-                "kinds": kinds,
-                "streams": streams,
-            }));
+                    "cloud": rig.cloud,
+                    "schedule": rig.schedule,
+                    "poll_cost": rig.poll_cost,
+                    "call_budget": budget_json(rig.call_budget),
+            "call_budget": budget_json(rig.call_budget),
+                    "concurrency": c,
+                    "kinds": kinds,
+                    "streams": streams,
+                }));
         }
     }
     let errors: usize = rigs.iter().map(|(r, _)| r.errors).sum();
@@ -721,14 +740,19 @@ pub fn print_waits(w: &Value) {
     }
     println!("  spread cloud, concurrency 1, all kinds: overshoot against calls per wait");
     for c in w["curve"].as_array().cloned().unwrap_or_default() {
+        let budget = match &c["call_budget"] {
+            Value::Null => "none".to_string(),
+            b => b.to_string(),
+        };
         println!(
-            "    {:<8} poll cost {:<6} p50 {:>7} p95 {:>7} calls {}",
+            "    {:<8} call budget {:<5} poll cost {:<5} p50 {:>7} p95 {:>7} calls {}",
             c["schedule"].as_str().unwrap_or(""),
             if c["schedule"] == "fixed" {
-                "-".to_string()
+                "-"
             } else {
-                c["poll_cost"].to_string()
+                &budget
             },
+            c["poll_cost"],
             pc(&c["all"]["overshoot_p50"]),
             pc(&c["all"]["overshoot_p95"]),
             f(&c["all"]["calls_per_wait"]),

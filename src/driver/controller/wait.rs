@@ -89,9 +89,8 @@ impl WaitKind {
 /// Which schedule waits follow.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Schedule {
-    /// Learnt per kind; `poll_cost` is what one poll is worth in overshoot, as a fraction
-    /// of the transition (0.03: one more poll is worth answering 3% of a transition sooner).
-    Learned { poll_cost: f64 },
+    /// Learnt per kind, polls priced as `Price` says.
+    Learned(Price),
     /// The fixed backoff alone (0, then `initial` × `factor`… up to `max`), as before.
     Fixed,
 }
@@ -109,9 +108,9 @@ impl WaitPolicy {
     /// The policy `serve` runs with: `scale` multiplies every time in the schedule (the
     /// minimum gap; the fixed backoff, given separately, is scaled by the caller), which
     /// only benchmarks running the simulator's transitions at the same scale want.
-    pub fn new(name: ScheduleName, poll_cost: f64, scale: f64) -> Self {
+    pub fn new(name: ScheduleName, price: Price, scale: f64) -> Self {
         let schedule = match name {
-            ScheduleName::Learned => Schedule::Learned { poll_cost },
+            ScheduleName::Learned => Schedule::Learned(price),
             ScheduleName::Fixed => Schedule::Fixed,
         };
         Self {
@@ -135,7 +134,18 @@ impl Backoff {
 
 /// The default price of a poll; docs/benchmarks.md shows the overshoot/calls curve it was
 /// chosen from.
-pub const DEFAULT_POLL_COST: f64 = 0.03;
+pub const DEFAULT_POLL_COST: f64 = 0.01;
+/// By default a learned wait makes no more API calls than the fixed backoff would.
+pub const DEFAULT_CALL_BUDGET: f64 = 1.0;
+
+impl Default for Price {
+    fn default() -> Self {
+        Self {
+            poll_cost: DEFAULT_POLL_COST,
+            call_budget: DEFAULT_CALL_BUDGET,
+        }
+    }
+}
 
 /// Wait settings.
 #[derive(Debug, Clone, Copy)]
@@ -152,9 +162,7 @@ pub struct WaitPolicy {
 impl Default for WaitPolicy {
     fn default() -> Self {
         Self {
-            schedule: Schedule::Learned {
-                poll_cost: DEFAULT_POLL_COST,
-            },
+            schedule: Schedule::Learned(Price::default()),
             min_gap: Duration::from_millis(100),
             share_list: true,
         }
@@ -187,14 +195,30 @@ impl Deadline {
 /// observations, weighted by age (half-life [`Estimator::HALF_LIFE`] observations) so that a
 /// cloud that gets slower or faster is followed within a few waits, and memory stays fixed.
 ///
+/// A duration is never seen directly, only bracketed: the transition was still pending when
+/// one check was sent and done when the next was. Each observation is that interval.
+/// Treating every interval as its midpoint (what this did first) adds the spacing of the
+/// polls to the spread of the cloud, so the plan spreads its polls wider than the cloud
+/// needs, which widens the intervals again (docs/benchmarks.md: a steady cloud was answered
+/// a third later than its own spread allows). Instead [`Estimator::durations`] fits a
+/// log-normal to the intervals by expectation–maximisation, the standard estimate for
+/// interval-censored data, and puts each observation at its expected duration within its
+/// own interval under that fit: never outside what was seen, but pulled towards where the
+/// other observations say the cloud is.
+///
 /// Hand-rolled rather than a quantile-sketch crate: sketches answer quantile queries, but
 /// the schedule needs the weighted samples themselves to optimise poll times over, and 32
-/// floats are both smaller and exact.
+/// intervals are both smaller and exact.
 #[derive(Debug, Clone, Default)]
 pub struct Estimator {
-    /// Seconds, oldest first.
-    samples: VecDeque<f64>,
+    /// Seconds, oldest first: (pending when this was sent, done when this was sent].
+    samples: VecDeque<(f64, f64)>,
 }
+
+/// The shortest duration the fit works with (log space needs one), and the narrowest
+/// spread it will fit (log units; a cloud as steady as this needs only one poll anyway).
+const SHORTEST: f64 = 1e-3;
+const NARROWEST: f64 = 1e-3;
 
 impl Estimator {
     pub const CAPACITY: usize = 32;
@@ -202,12 +226,15 @@ impl Estimator {
     /// Fewer samples than this and the schedule is the fixed backoff: too little is known.
     pub const MIN_SAMPLES: usize = 3;
 
-    /// Record how long a transition took.
-    pub fn observe(&mut self, took: Duration) {
+    /// Record a transition that was still pending at a check sent `pending_at` after the
+    /// wait started and done at one sent `done_at` after.
+    pub fn observe(&mut self, pending_at: Duration, done_at: Duration) {
         if self.samples.len() == Self::CAPACITY {
             self.samples.pop_front();
         }
-        self.samples.push_back(took.as_secs_f64());
+        let hi = done_at.as_secs_f64().max(SHORTEST);
+        self.samples
+            .push_back((pending_at.as_secs_f64().min(hi), hi));
     }
 
     pub fn len(&self) -> usize {
@@ -218,46 +245,155 @@ impl Estimator {
         self.samples.is_empty()
     }
 
-    /// The poll times (from the start of a wait, after the immediate check) that minimise
-    /// `E[overshoot / duration] + poll_cost × E[polls]` if the next transition takes one of
-    /// the recorded durations with their weights. Polls are placed at recorded durations (an
-    /// optimal placement for a discrete distribution never polls between two of its points)
-    /// and the last at the longest. `floor` keeps the fraction finite for instant transitions.
-    /// Empty while fewer than [`Self::MIN_SAMPLES`] were recorded.
-    pub fn plan(&self, poll_cost: f64, floor: Duration) -> Vec<Duration> {
+    fn weights(&self) -> impl Iterator<Item = f64> + '_ {
         let n = self.samples.len();
-        if n < Self::MIN_SAMPLES {
-            return Vec::new();
-        }
-        let mut pts: Vec<(f64, f64)> = self
+        (0..n).map(move |i| 0.5f64.powf((n - 1 - i) as f64 / Self::HALF_LIFE))
+    }
+
+    /// Each observation's duration, in seconds, with its weight: its expected value within
+    /// its interval under a log-normal fitted to all the intervals by EM (started from the
+    /// midpoints, so a window of identical intervals stays at their midpoint and the plan
+    /// explores inside them).
+    pub fn durations(&self) -> Vec<(f64, f64)> {
+        let w: Vec<f64> = self.weights().collect();
+        let total: f64 = w.iter().sum();
+        let logs: Vec<(f64, f64)> = self
             .samples
             .iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let age = (n - 1 - i) as f64;
-                (s, 0.5f64.powf(age / Self::HALF_LIFE))
+            .map(|&(lo, hi)| {
+                let a = if lo > 0.0 { lo.ln() } else { f64::NEG_INFINITY };
+                (a, hi.ln())
             })
             .collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let total: f64 = pts.iter().map(|p| p.1).sum();
-        let floor = floor.as_secs_f64().max(1e-3);
-        // Prefix sums of weight and of weight / duration: a segment of samples (k, j] all
-        // answered by a poll at x_j costs x_j·Σw/x − Σw in overshoot.
-        let mut w0 = vec![0.0; n + 1];
-        let mut w1 = vec![0.0; n + 1];
-        for (i, &(x, w)) in pts.iter().enumerate() {
-            w0[i + 1] = w0[i] + w / total;
-            w1[i + 1] = w1[i] + w / total / x.max(floor);
+        let mut at: Vec<f64> = self
+            .samples
+            .iter()
+            .map(|&(lo, hi)| ((lo + hi) / 2.0).ln())
+            .collect();
+        let mean = |v: &[f64]| v.iter().zip(&w).map(|(x, w)| x * w).sum::<f64>() / total;
+        let mut mu = mean(&at);
+        let mut second = at.iter().map(|x| x * x).collect::<Vec<_>>();
+        for _ in 0..50 {
+            let sigma = (mean(&second) - mu * mu).max(0.0).sqrt().max(NARROWEST);
+            for (i, &(a, b)) in logs.iter().enumerate() {
+                (at[i], second[i]) = truncated_normal(mu, sigma, a, b);
+            }
+            let next = mean(&at);
+            let settled = (next - mu).abs() < 1e-7;
+            mu = next;
+            if settled {
+                break;
+            }
         }
-        // cost[j]: the best plan whose last poll is at x_{j-1} (j = 0: only the immediate
-        // check). A poll after the one at x_{k-1} is paid for when the transition outlasts
-        // it, i.e. with probability 1 − w0[k].
+        at.iter().zip(w).map(|(x, w)| (x.exp(), w)).collect()
+    }
+
+    /// The poll times (from the start of a wait, after the immediate check) that minimise
+    /// `E[overshoot / duration] + cost × E[polls]` if the next transition takes one of the
+    /// [`Self::durations`] with their weights, no two closer than `gap`. `cost` is
+    /// `price.poll_cost`, raised as far as needed to keep the expected API calls within
+    /// `price.call_budget` × what `backoff` alone would make for the same durations. Polls
+    /// are placed at those durations (an optimal placement for a discrete distribution never
+    /// polls between two of its points) and the last at the longest. Empty while fewer than
+    /// [`Self::MIN_SAMPLES`] were recorded.
+    pub fn plan(&self, price: Price, backoff: &Backoff, gap: Duration) -> Vec<Duration> {
+        if self.samples.len() < Self::MIN_SAMPLES {
+            return Vec::new();
+        }
+        let mut pts = self.durations();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let dp = Dp::new(&pts, gap.as_secs_f64());
+        let mut best = dp.solve(price.poll_cost);
+        let limit = price.call_budget * backoff.expected_calls(&pts);
+        if best.calls > limit {
+            // Dearer polls, fewer calls: the cheapest price within the budget, by bisection
+            // (calls fall as the price rises). A budget that even one poll at the longest
+            // duration exceeds gets that plan.
+            let (mut lo, mut hi) = (price.poll_cost.max(1e-4), 100.0f64);
+            best = dp.solve(hi);
+            if best.calls <= limit {
+                for _ in 0..24 {
+                    let mid = (lo * hi).sqrt();
+                    let p = dp.solve(mid);
+                    if p.calls <= limit {
+                        (hi, best) = (mid, p);
+                    } else {
+                        lo = mid;
+                    }
+                }
+            }
+        }
+        best.polls
+    }
+}
+
+/// What a poll is worth to a learned schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    /// The least a poll must save, as a fraction of the transition (0.01: one more poll is
+    /// worth answering 1% of a transition sooner).
+    pub poll_cost: f64,
+    /// At most this many times the API calls per wait the fixed backoff would make for the
+    /// same transitions (`f64::INFINITY`: no cap).
+    pub call_budget: f64,
+}
+
+/// A learned plan and the API calls per wait it is expected to make.
+struct Plan {
+    polls: Vec<Duration>,
+    calls: f64,
+}
+
+/// The dynamic programme behind [`Estimator::plan`], over durations sorted shortest first.
+/// Durations of [`SHORTEST`] (done by the immediate check) cost nothing and need no poll;
+/// they only make every later poll less likely to be sent.
+struct Dp {
+    /// Poll times, seconds: each duration, or `gap` after the immediate check if sooner.
+    at: Vec<f64>,
+    /// Prefix sums of weight and of weight / duration over the durations that need a poll,
+    /// the first entry being the weight of those that did not.
+    w0: Vec<f64>,
+    w1: Vec<f64>,
+    gap: f64,
+}
+
+impl Dp {
+    fn new(pts: &[(f64, f64)], gap: f64) -> Self {
+        let total: f64 = pts.iter().map(|p| p.1).sum();
+        let instant = pts.iter().take_while(|p| p.0 <= SHORTEST).count();
+        let rest = &pts[instant..];
+        let mut w0 = vec![pts[..instant].iter().map(|p| p.1).sum::<f64>() / total];
+        let mut w1 = vec![0.0];
+        for &(x, w) in rest {
+            w0.push(w0.last().unwrap() + w / total);
+            w1.push(w1.last().unwrap() + w / total / x.max(gap).max(SHORTEST));
+        }
+        let at = rest.iter().map(|p| p.0.max(gap)).collect();
+        Self { at, w0, w1, gap }
+    }
+
+    fn solve(&self, poll_cost: f64) -> Plan {
+        let n = self.at.len();
+        if n == 0 {
+            return Plan {
+                polls: Vec::new(),
+                calls: 1.0,
+            };
+        }
+        let (w0, w1) = (&self.w0, &self.w1);
+        // cost[j]: the best plan whose last poll is at at[j-1] (j = 0: only the immediate
+        // check). A poll after the one at at[k-1] is sent when the transition outlasts it,
+        // with probability 1 − w0[k], and answers the durations (k, j] at at[j-1], which
+        // costs at[j-1]·Σw/x − Σw in overshoot.
         let mut cost = vec![f64::INFINITY; n + 1];
         let mut prev = vec![0usize; n + 1];
         cost[0] = 0.0;
         for j in 1..=n {
-            let xj = pts[j - 1].0;
+            let xj = self.at[j - 1];
             for k in 0..j {
+                if k > 0 && xj - self.at[k - 1] < self.gap - 1e-9 {
+                    continue;
+                }
                 let c =
                     cost[k] + poll_cost * (1.0 - w0[k]) + xj * (w1[j] - w1[k]) - (w0[j] - w0[k]);
                 if c < cost[j] {
@@ -266,16 +402,85 @@ impl Estimator {
                 }
             }
         }
-        let mut polls = Vec::new();
+        let (mut polls, mut calls) = (Vec::new(), 1.0);
         let mut j = n;
         while j > 0 {
-            polls.push(Duration::from_secs_f64(pts[j - 1].0));
+            polls.push(Duration::from_secs_f64(self.at[j - 1]));
+            calls += 1.0 - w0[prev[j]];
             j = prev[j];
         }
         polls.reverse();
         polls.dedup();
-        polls
+        Plan { polls, calls }
     }
+}
+
+impl Backoff {
+    /// API calls per wait this backoff alone makes if transitions take `pts` (seconds,
+    /// weight; sorted shortest first), the immediate check included.
+    fn expected_calls(&self, pts: &[(f64, f64)]) -> f64 {
+        let total: f64 = pts.iter().map(|p| p.1).sum();
+        let (mut at, mut step, mut calls) = (0.0, self.initial.as_secs_f64(), 1.0);
+        let max = self.max.as_secs_f64().max(1e-3);
+        let mut sum = 0.0;
+        for &(x, w) in pts {
+            while at < x && x > SHORTEST {
+                at += step;
+                step = (step * self.factor).min(max);
+                calls += 1.0;
+            }
+            sum += w * calls;
+        }
+        sum / total
+    }
+}
+
+/// E[X] and E[X²] of a normal (`mu`, `sigma`) restricted to (a, b]; `a` may be −∞. An
+/// interval so far in a tail that its probability underflows is taken at its end nearer
+/// the bulk.
+fn truncated_normal(mu: f64, sigma: f64, a: f64, b: f64) -> (f64, f64) {
+    if b - a < 1e-9 {
+        return (b, b * b);
+    }
+    let (al, be) = (((a - mu) / sigma).max(-40.0), ((b - mu) / sigma).min(40.0));
+    // Differences of the upper tail are exact where those of the CDF cancel.
+    let z = if al > 0.0 {
+        upper_tail(al) - upper_tail(be)
+    } else {
+        upper_tail(-be) - upper_tail(-al)
+    };
+    if z.is_nan() || z <= 1e-12 {
+        let x = if al > 0.0 { a } else { b };
+        return (x, x * x);
+    }
+    let density = |t: f64| (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    let (pa, pb) = (density(al), density(be));
+    let shift = (pa - pb) / z;
+    let m = (mu + sigma * shift).clamp(a, b);
+    let var = sigma * sigma * (1.0 + (al * pa - be * pb) / z - shift * shift);
+    (m, var.max(0.0) + m * m)
+}
+
+/// P(Z > z) for a standard normal Z.
+fn upper_tail(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// The complementary error function, to a relative error below 1.2e-7 everywhere
+/// (Numerical Recipes' Chebyshev fit); std has none on stable.
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * poly.exp();
+    if x >= 0.0 { r } else { 2.0 - r }
 }
 
 /// The controller's waits: the schedule, an estimator per kind, and where to report.
@@ -385,7 +590,10 @@ impl Waits {
             &self.volume_waits
         }));
         let plan = match self.policy.schedule {
-            Schedule::Learned { poll_cost } => self.lock(kind).plan(poll_cost, self.policy.min_gap),
+            Schedule::Learned(price) => {
+                self.lock(kind)
+                    .plan(price, &self.backoff, self.policy.min_gap)
+            }
             Schedule::Fixed => Vec::new(),
         };
         let mut next = if plan.is_empty() {
@@ -394,7 +602,9 @@ impl Waits {
             Next::Plan(0)
         };
         // The transition is known to have taken longer than `not_before` (a check sent
-        // then saw it pending) and at most until the ready check returned.
+        // then saw it pending) and at most until the ready check was sent. Both are times
+        // a check was *sent*, the times the plan chooses: a reply held up on its way back
+        // (a busy process, 50 waits at once) must not teach the plan to poll later.
         let mut not_before = Duration::ZERO;
         let mut polls: u32 = 0;
         let outcome = loop {
@@ -403,8 +613,7 @@ impl Waits {
             match check().await {
                 Ok(Some(v)) => {
                     if fresh {
-                        let done = start.elapsed();
-                        self.lock(kind).observe((not_before + done) / 2);
+                        self.lock(kind).observe(not_before, sent);
                     }
                     break Ok(v);
                 }
@@ -459,6 +668,33 @@ impl Waits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Estimator {
+        /// A transition seen to take exactly `d`.
+        fn seen(&mut self, d: Duration) {
+            self.observe(d, d)
+        }
+
+        /// The plan at `poll_cost`, uncapped, with the default gap.
+        fn priced(&self, poll_cost: f64) -> Vec<Duration> {
+            self.plan(
+                uncapped(poll_cost),
+                &Backoff::default(),
+                Duration::from_millis(100),
+            )
+        }
+    }
+
+    fn uncapped(poll_cost: f64) -> Price {
+        Price {
+            poll_cost,
+            call_budget: f64::INFINITY,
+        }
+    }
+
+    fn learned(poll_cost: f64) -> Schedule {
+        Schedule::Learned(uncapped(poll_cost))
+    }
 
     fn waits(schedule: Schedule) -> Waits {
         Waits::new(
@@ -551,7 +787,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn learned_waits_answer_just_after_a_steady_transition() {
-        let w = waits(Schedule::Learned { poll_cost: 0.03 });
+        let w = waits(learned(0.03));
         let took = Duration::from_secs(3);
         // Cold: the fixed backoff, as before.
         like_the_old_backoff(wait_for(&w, WaitKind::Create, took).await);
@@ -572,7 +808,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cloud_that_changes_speed_is_followed() {
-        let w = waits(Schedule::Learned { poll_cost: 0.03 });
+        let w = waits(learned(0.03));
         for _ in 0..40 {
             wait_for(&w, WaitKind::Attach, Duration::from_secs(2)).await;
         }
@@ -600,7 +836,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waits_that_joined_a_transition_late_teach_nothing() {
-        let w = waits(Schedule::Learned { poll_cost: 0.03 });
+        let w = waits(learned(0.03));
         let mut n = 0;
         w.until(
             WaitKind::Extend,
@@ -620,12 +856,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn polls_are_never_closer_than_the_minimum_gap() {
-        let w = waits(Schedule::Learned { poll_cost: 0.0 });
+        let w = waits(learned(0.0));
         // Free polls and a spread of durations: the plan polls at every sample, but a wait
         // still checks at most every 100 ms.
         for i in 0..32u64 {
             let mut e = w.lock(WaitKind::Create);
-            e.observe(Duration::from_millis(1000 + 10 * i));
+            e.seen(Duration::from_millis(1000 + 10 * i));
         }
         let start = Instant::now();
         let mut times = Vec::new();
@@ -651,16 +887,16 @@ mod tests {
     #[test]
     fn the_plan_is_dense_where_durations_are_and_sparse_when_polls_cost_more() {
         let mut e = Estimator::default();
-        assert!(e.plan(0.03, Duration::from_millis(100)).is_empty());
+        assert!(e.priced(0.03).is_empty());
         for ms in [2900, 3000, 3100, 2950, 3050, 3000, 2980, 3020] {
-            e.observe(Duration::from_millis(ms));
+            e.seen(Duration::from_millis(ms));
         }
-        let p = e.plan(0.03, Duration::from_millis(100));
+        let p = e.priced(0.03);
         // Every poll is within the recorded range, the last at the longest.
         assert_eq!(*p.last().unwrap(), Duration::from_millis(3100));
         assert!(p[0] >= Duration::from_millis(2900), "{:?}", secs(&p));
-        let cheap = e.plan(0.001, Duration::from_millis(100));
-        let dear = e.plan(0.5, Duration::from_millis(100));
+        let cheap = e.priced(0.001);
+        let dear = e.priced(0.5);
         assert!(
             cheap.len() > p.len() && p.len() > dear.len(),
             "{cheap:?} {p:?} {dear:?}"
@@ -668,13 +904,10 @@ mod tests {
         assert_eq!(dear, vec![Duration::from_millis(3100)]);
         // Bounded memory: only the last CAPACITY are kept.
         for _ in 0..100 {
-            e.observe(Duration::from_secs(9));
+            e.seen(Duration::from_secs(9));
         }
         assert_eq!(e.len(), Estimator::CAPACITY);
-        assert_eq!(
-            e.plan(0.03, Duration::from_millis(100)),
-            vec![Duration::from_secs(9)]
-        );
+        assert_eq!(e.priced(0.03), vec![Duration::from_secs(9)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -719,17 +952,182 @@ mod tests {
         let plan = |first: u64, then: u64| {
             let mut e = Estimator::default();
             for _ in 0..16 {
-                e.observe(Duration::from_secs(first));
+                e.seen(Duration::from_secs(first));
             }
             for _ in 0..16 {
-                e.observe(Duration::from_secs(then));
+                e.seen(Duration::from_secs(then));
             }
-            e.plan(4.0, Duration::from_millis(100))
+            e.priced(4.0)
         };
         assert_eq!(
             plan(10, 2),
             vec![Duration::from_secs(2), Duration::from_secs(10)]
         );
         assert_eq!(plan(2, 10), vec![Duration::from_secs(10)]);
+    }
+
+    #[test]
+    fn erfc_is_accurate_in_both_tails() {
+        for (x, want) in [
+            (0.0, 1.0),
+            (0.5, 0.479_500_122_186_953_5),
+            (1.0, 0.157_299_207_050_285_13),
+            (2.0, 0.004_677_734_981_047_266),
+            (-1.0, 1.842_700_792_949_715),
+            (5.0, 1.537_459_794_428_034_8e-12),
+        ] {
+            let got = erfc(x);
+            assert!(
+                ((got - want) / want).abs() < 2e-7,
+                "erfc({x}) = {got}, not {want}"
+            );
+        }
+        // A normal truncated to one side of its mean: the half-normal's mean.
+        let (m, _) = truncated_normal(0.0, 1.0, 0.0, f64::INFINITY);
+        assert!(
+            (m - (2.0 / std::f64::consts::PI).sqrt()).abs() < 1e-6,
+            "{m}"
+        );
+        // An interval far in a tail is taken at its end nearer the bulk.
+        assert_eq!(truncated_normal(0.0, 1.0, 50.0, 60.0).0, 50.0);
+        assert_eq!(
+            truncated_normal(0.0, 1.0, f64::NEG_INFINITY, -50.0).0,
+            -50.0
+        );
+    }
+
+    /// Steady transitions of 2.7–3.3 s seen only through the polls: the midpoint of each
+    /// bracket would put a transition caught by the first poll at 3.0 s (half of it, 1.5 s),
+    /// and all of them up to half a poll gap away from where they ended.
+    #[test]
+    fn durations_stay_in_what_was_seen_and_near_the_cloud() {
+        let mut e = Estimator::default();
+        let ms = Duration::from_millis;
+        for (lo, hi) in [
+            (2800, 2900),
+            (2900, 3000),
+            (3000, 3100),
+            (3100, 3300),
+            (2800, 2900),
+            (2900, 3000),
+            (3000, 3100),
+            (0, 2800),
+            (3000, 3100),
+            (2900, 3000),
+        ] {
+            e.observe(ms(lo), ms(hi));
+        }
+        let d = e.durations();
+        for (&(lo, hi), &(x, _)) in e.samples.iter().zip(&d) {
+            assert!(x >= lo - 1e-9 && x <= hi + 1e-9, "{x} outside ({lo}, {hi}]");
+        }
+        let first_poll = d[7].0;
+        assert!(
+            (2.5..=2.8).contains(&first_poll),
+            "caught by the first poll at 2.8 s, placed at {first_poll}"
+        );
+    }
+
+    /// Pseudo-random steady transitions (2.7–3.3 s) through the whole wait: after warming up,
+    /// answered within a few percent with fewer checks than the old backoff's five.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_cloud_is_answered_within_its_own_spread() {
+        let w = waits(learned(0.02));
+        let mut seed: u64 = 7;
+        let mut draw = move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            Duration::from_millis(2700 + (seed >> 33) % 601)
+        };
+        for _ in 0..40 {
+            wait_for(&w, WaitKind::Create, draw()).await;
+        }
+        let (mut over, mut checks) = (Vec::new(), 0);
+        for _ in 0..100 {
+            let took = draw();
+            let (t, n) = wait_for(&w, WaitKind::Create, took).await;
+            assert!(t >= took);
+            over.push((t - took).as_secs_f64() / took.as_secs_f64());
+            checks += n;
+        }
+        over.sort_by(f64::total_cmp);
+        let (p50, p95) = (over[50], over[95]);
+        assert!(
+            p50 <= 0.04 && p95 <= 0.12,
+            "overshoot p50 {p50:.3}, p95 {p95:.3}"
+        );
+        assert!(checks <= 400, "{checks} checks for 100 waits");
+    }
+
+    /// Checks per wait a plan makes for transitions of `took` (seconds, equally likely),
+    /// the immediate check included.
+    fn checks(plan: &[Duration], took: &[f64]) -> f64 {
+        let n: usize = took
+            .iter()
+            .map(|&t| 2 + plan.iter().filter(|p| p.as_secs_f64() < t).count())
+            .sum();
+        n as f64 / took.len() as f64
+    }
+
+    #[test]
+    fn the_call_budget_caps_a_wide_cloud_at_the_fixed_backoffs_calls() {
+        // Transitions anywhere in 2–8 s: cheap polls alone would check ~every 100 ms.
+        let took: Vec<f64> = (0..32).map(|i| 2.0 + 6.0 * f64::from(i) / 31.0).collect();
+        let mut e = Estimator::default();
+        for &t in &took {
+            e.seen(Duration::from_secs_f64(t));
+        }
+        let pts: Vec<(f64, f64)> = took.iter().map(|&t| (t, 1.0)).collect();
+        let backoff = Backoff::default();
+        let old = backoff.expected_calls(&pts);
+        // Checks at 0, 0.5, 1.25, 2.375, 4.06, 6.59, 10.4 s: 4 to 7 of them.
+        assert!((old - 187.0 / 32.0).abs() < 1e-9, "{old}");
+        let gap = Duration::from_millis(100);
+        let free = e.plan(uncapped(0.001), &backoff, gap);
+        assert!(checks(&free, &took) > 2.0 * old, "{free:?}");
+        for budget in [0.6, 1.0, 1.5] {
+            let price = Price {
+                poll_cost: 0.001,
+                call_budget: budget,
+            };
+            let plan = e.plan(price, &backoff, gap);
+            let n = checks(&plan, &took);
+            assert!(n <= budget * old + 1e-9, "budget {budget}: {n} checks");
+            // Used, not wasted (calls fall in steps as the price rises, up to a poll and a
+            // half at once on these evenly spaced durations).
+            assert!(n > 0.75 * budget * old, "budget {budget}: only {n} checks");
+        }
+        // A steady cloud needs fewer checks than the fixed backoff: the cap does not bind.
+        let mut e = Estimator::default();
+        for i in 0..32u64 {
+            e.seen(Duration::from_millis(2700 + 20 * i));
+        }
+        assert_eq!(
+            e.plan(Price::default(), &backoff, gap),
+            e.plan(uncapped(DEFAULT_POLL_COST), &backoff, gap)
+        );
+    }
+
+    #[test]
+    fn planned_polls_are_at_least_the_gap_apart() {
+        let mut e = Estimator::default();
+        for i in 0..32u64 {
+            e.seen(Duration::from_millis(1000 + 10 * i));
+        }
+        let gap = Duration::from_millis(100);
+        let plan = e.plan(uncapped(0.0), &Backoff::default(), gap);
+        assert!(plan.len() >= 3, "{plan:?}");
+        for pair in plan.windows(2) {
+            assert!(pair[1] - pair[0] >= gap - Duration::from_micros(1), "{plan:?}");
+        }
+        assert_eq!(*plan.last().unwrap(), Duration::from_millis(1310));
+        // Instant transitions (done at the immediate check) need no poll of their own.
+        let mut e = Estimator::default();
+        for _ in 0..16 {
+            e.seen(Duration::ZERO);
+        }
+        for _ in 0..16 {
+            e.seen(Duration::from_secs(3));
+        }
+        assert_eq!(e.priced(0.01), vec![Duration::from_secs(3)]);
     }
 }
