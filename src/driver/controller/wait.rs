@@ -134,7 +134,7 @@ impl Backoff {
 
 /// The default price of a poll; docs/benchmarks.md shows the overshoot/calls curve it was
 /// chosen from.
-pub const DEFAULT_POLL_COST: f64 = 0.01;
+pub const DEFAULT_POLL_COST: f64 = 0.005;
 /// By default a learned wait makes no more API calls than the fixed backoff would.
 pub const DEFAULT_CALL_BUDGET: f64 = 1.0;
 
@@ -1117,7 +1117,10 @@ mod tests {
         let plan = e.plan(uncapped(0.0), &Backoff::default(), gap);
         assert!(plan.len() >= 3, "{plan:?}");
         for pair in plan.windows(2) {
-            assert!(pair[1] - pair[0] >= gap - Duration::from_micros(1), "{plan:?}");
+            assert!(
+                pair[1] - pair[0] >= gap - Duration::from_micros(1),
+                "{plan:?}"
+            );
         }
         assert_eq!(*plan.last().unwrap(), Duration::from_millis(1310));
         // Instant transitions (done at the immediate check) need no poll of their own.
