@@ -591,12 +591,11 @@ pub async fn phase_waits(args: &Args) -> Value {
     for ((rig, main), r) in rigs.iter().zip(serial.drain(..)) {
         if rig.cloud == "spread" && !rig.schedule.ends_with("-unshared") {
             curve.push(json!({
-                    "schedule": rig.schedule,
-                    "poll_cost": rig.poll_cost,
-                    "call_budget": budget_json(rig.call_budget),
-            "call_budget": budget_json(rig.call_budget),
-                    "all": r["all"].clone(),
-                }));
+                "schedule": rig.schedule,
+                "poll_cost": rig.poll_cost,
+                "call_budget": budget_json(rig.call_budget),
+                "all": r["all"].clone(),
+            }));
         }
         if *main {
             results.push(r);
@@ -624,15 +623,14 @@ pub async fn phase_waits(args: &Args) -> Value {
                 }
             }
             results.push(json!({
-                    "cloud": rig.cloud,
-                    "schedule": rig.schedule,
-                    "poll_cost": rig.poll_cost,
-                    "call_budget": budget_json(rig.call_budget),
-            "call_budget": budget_json(rig.call_budget),
-                    "concurrency": c,
-                    "kinds": kinds,
-                    "streams": streams,
-                }));
+                "cloud": rig.cloud,
+                "schedule": rig.schedule,
+                "poll_cost": rig.poll_cost,
+                "call_budget": budget_json(rig.call_budget),
+                "concurrency": c,
+                "kinds": kinds,
+                "streams": streams,
+            }));
         }
     }
     let errors: usize = rigs.iter().map(|(r, _)| r.errors).sum();
