@@ -425,3 +425,18 @@ fn an_unknown_schedule_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("learned") && err.contains("fixed"), "{err}");
 }
+
+#[test]
+fn a_call_budget_that_allows_no_call_is_refused() {
+    for bad in ["0", "-1", "nan"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--mode", "controller", "--sim"])
+            .arg(format!("--wait-call-budget={bad}"))
+            .arg("--endpoint=unix:///nonexistent/csi.sock")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--wait-call-budget={bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--wait-call-budget must be above 0"), "{err}");
+    }
+}
