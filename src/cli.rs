@@ -156,7 +156,8 @@ pub struct ControllerArgs {
     #[arg(long, env = "LUNANODE_CSI_WAIT_TIME_SCALE", default_value_t = 1.0)]
     pub wait_time_scale: f64,
     /// While several volumes are waited for, poll them through one shared volume/list
-    /// instead of a volume/info each.
+    /// instead of a volume/info each; concurrent callers share each region's
+    /// volume/snapshot-list and image/list (false: every caller sends its own).
     #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST", default_value_t = true, action = clap::ArgAction::Set)]
     pub wait_share_list: bool,
 }

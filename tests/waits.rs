@@ -415,6 +415,87 @@ async fn concurrent_waits_share_volume_lists() {
     assert_eq!(apart.get("volume/list"), None, "{apart:?}");
 }
 
+/// Twenty volumes cloned at once (each clone snapshots its own source, waits for the
+/// snapshot, creates from it and removes it): with sharing on, the clones' lookups and polls
+/// share `volume/snapshot-list` calls; with it off each sends its own. Either way every clone
+/// is available and no temporary snapshot is left.
+async fn concurrent_clones(share: bool) -> u64 {
+    let mut t = Transitions::default();
+    t.set(
+        lunanode_csi::sim::TransitionKind::Snapshot,
+        Span::fixed(Duration::from_millis(150)),
+    );
+    let sim = SimHandle::start(SimConfig {
+        transition: t,
+        seed: 13,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let flag = format!("--wait-share-list={share}");
+    // No client rate limit: the default 10 QPS would make the test about calls per second.
+    let d = start_with(&sim, "learned", &[&flag, "--qps=0"]).await;
+    let mut sources = Vec::new();
+    for i in 0..20 {
+        let mut c = d.ctl.clone();
+        let v = c
+            .create_volume(create_req(&format!("pvc-src-{i}"), 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        sources.push(v.volume_id);
+    }
+    sim.reset_counters();
+    let clones = sources.iter().enumerate().map(|(i, src)| {
+        let mut c = d.ctl.clone();
+        async move {
+            let req = CreateVolumeRequest {
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(Type::Volume(VolumeSource {
+                        volume_id: src.clone(),
+                    })),
+                }),
+                ..create_req(&format!("pvc-clone-{i}"), 1)
+            };
+            let r = tokio::time::timeout(Duration::from_secs(60), c.create_volume(req)).await;
+            r.expect("the clone answers within a minute")
+                .expect("the clone succeeds")
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id
+        }
+    });
+    let made = futures_util::future::join_all(clones).await;
+    let lists = sim
+        .calls()
+        .get("volume/snapshot-list")
+        .copied()
+        .unwrap_or(0);
+    let state = sim.state();
+    for id in &made {
+        assert_eq!(volume(&state, id).status, "available");
+    }
+    assert!(state.snapshots.is_empty(), "{:?}", state.snapshots);
+    d.stop().await;
+    sim.shutdown().await;
+    lists
+}
+
+#[tokio::test]
+async fn concurrent_snapshot_waits_share_snapshot_lists() {
+    let shared = concurrent_clones(true).await;
+    let apart = concurrent_clones(false).await;
+    // Apart, each clone lists at least three times (lookup, ready check, clean-up).
+    assert!(apart >= 60, "{apart} lists apart");
+    assert!(
+        shared * 3 <= apart,
+        "{shared} lists shared against {apart} apart"
+    );
+}
+
 #[test]
 fn an_unknown_schedule_is_refused() {
     let out = Command::new(BIN)

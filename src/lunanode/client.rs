@@ -4,13 +4,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
 use reqwest::Url;
 use serde::de::DeserializeOwned;
 
 use super::credentials::Credentials;
 use super::error::ApiError;
+use super::joined::Joined;
 use super::nonce::{DEFAULT_MAX_AHEAD, NonceMode, Nonces};
 use super::ratelimit::RateLimiter;
 use super::reply;
@@ -85,8 +84,6 @@ pub struct ClientStats {
     pub throttled: AtomicU64,
 }
 
-type SharedList = Shared<BoxFuture<'static, Result<Arc<Vec<Volume>>, ApiError>>>;
-
 /// An action's parameters, in the order they are sent (every value a string).
 type Params = Vec<(&'static str, String)>;
 
@@ -100,10 +97,11 @@ struct Inner {
     /// `None` when `max_in_flight` is 0.
     in_flight: Option<tokio::sync::Semaphore>,
     stats: ClientStats,
-    /// The next `volume/list` that has not been sent yet, which callers can join.
-    pending_list: Mutex<Option<SharedList>>,
-    /// Held while a coalesced `volume/list` is on the wire.
-    list_running: tokio::sync::Mutex<()>,
+    /// Shared `volume/list` (every region), `volume/snapshot-list` and `image/list` (by
+    /// region) calls.
+    volumes: Joined<(), Vec<Volume>>,
+    snapshots: Joined<String, Vec<Snapshot>>,
+    images: Joined<String, Vec<Image>>,
 }
 
 /// A Luna Node API client. Cheap to clone; clones share nonces, rate limit and counters.
@@ -151,8 +149,9 @@ impl Client {
                 cfg,
                 urls: Mutex::new(Vec::new()),
                 stats: ClientStats::default(),
-                pending_list: Mutex::new(None),
-                list_running: tokio::sync::Mutex::new(()),
+                volumes: Joined::default(),
+                snapshots: Joined::default(),
+                images: Joined::default(),
             }),
             metrics: None,
         })
@@ -346,26 +345,9 @@ impl Client {
     /// not been sent yet instead of sending its own. A list already on the wire is never
     /// joined, because it may predate a change the caller needs to see.
     pub async fn volume_list_shared(&self) -> Result<Arc<Vec<Volume>>, ApiError> {
-        let fut = {
-            let mut pending = self.inner.pending_list.lock().expect("list lock");
-            match pending.as_ref() {
-                Some(f) => f.clone(),
-                None => {
-                    let this = self.clone();
-                    let f = async move {
-                        let _running = this.inner.list_running.lock().await;
-                        // From here on this list is (about to be) sent: later callers start a new one.
-                        this.inner.pending_list.lock().expect("list lock").take();
-                        this.volume_list(None).await.map(Arc::new)
-                    }
-                    .boxed()
-                    .shared();
-                    *pending = Some(f.clone());
-                    f
-                }
-            }
-        };
-        fut.await
+        let this = self.clone();
+        let list = || async move { this.volume_list(None).await };
+        self.inner.volumes.call(&(), list).await
     }
 
     /// `volume/info`.
@@ -446,15 +428,28 @@ impl Client {
         Ok(id.snapshot_id)
     }
 
-    /// `volume/snapshot-list` for one region.
+    /// `volume/snapshot-list` for one region. Items that leave their region out (some API
+    /// shapes do) get `region`.
     pub async fn snapshot_list(&self, region: &str) -> Result<Vec<Snapshot>, ApiError> {
-        self.call_as(
-            "volume/snapshot-list/",
-            params([("region", region.to_string())]),
-            Repeat::Safe,
-            "snapshots",
-        )
-        .await
+        let mut list: Vec<Snapshot> = self
+            .call_as(
+                "volume/snapshot-list/",
+                params([("region", region.to_string())]),
+                Repeat::Safe,
+                "snapshots",
+            )
+            .await?;
+        for s in list.iter_mut().filter(|s| s.region.is_empty()) {
+            s.region = region.to_string();
+        }
+        Ok(list)
+    }
+
+    /// `volume/snapshot-list` for one region, shared like [`Self::volume_list_shared`].
+    pub async fn snapshot_list_shared(&self, region: &str) -> Result<Arc<Vec<Snapshot>>, ApiError> {
+        let (this, r) = (self.clone(), region.to_string());
+        let list = || async move { this.snapshot_list(&r).await };
+        self.inner.snapshots.call(&region.to_string(), list).await
     }
 
     /// `volume/snapshot-replicate`: makes an image in `dst_region`; never repeated
@@ -514,6 +509,13 @@ impl Client {
             .map(|r| params([("region", r.to_string())]))
             .unwrap_or_default();
         self.call_as("image/list/", p, Repeat::Safe, "images").await
+    }
+
+    /// `image/list` for one region, shared like [`Self::volume_list_shared`].
+    pub async fn image_list_shared(&self, region: &str) -> Result<Arc<Vec<Image>>, ApiError> {
+        let (this, r) = (self.clone(), region.to_string());
+        let list = || async move { this.image_list(Some(&r)).await };
+        self.inner.images.call(&region.to_string(), list).await
     }
 
     /// `image/delete`.

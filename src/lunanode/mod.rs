@@ -9,6 +9,7 @@
 mod client;
 mod credentials;
 mod error;
+mod joined;
 mod nonce;
 mod ratelimit;
 mod reply;

@@ -1,5 +1,7 @@
 //! CreateSnapshot, DeleteSnapshot and ListSnapshots.
 
+use std::sync::Arc;
+
 use super::wait::{Deadline, WaitKind};
 use super::{Inner, intents};
 use crate::csi::*;
@@ -53,18 +55,17 @@ fn csi_snapshot(inner: &Inner, s: &CloudSnapshot, region: &str) -> crate::csi::S
 }
 
 impl Inner {
-    async fn snapshots_in(&self, region: &str) -> Result<Vec<CloudSnapshot>, Error> {
-        match self.client.snapshot_list(region).await {
-            Ok(mut list) => {
-                // Some API shapes leave the region out of list items.
-                for s in &mut list {
-                    if s.region.is_empty() {
-                        s.region = region.to_string();
-                    }
-                }
-                Ok(list)
-            }
-            Err(e) => Err(e.into()),
+    /// A region's snapshots, from a `volume/snapshot-list` shared with concurrent callers
+    /// (fifty snapshot waits at once then send one or two lists per round, not fifty)
+    /// unless `--wait-share-list=false`.
+    pub(super) async fn snapshots_in(
+        &self,
+        region: &str,
+    ) -> Result<Arc<Vec<CloudSnapshot>>, ApiError> {
+        if self.waits.share_lists() {
+            self.client.snapshot_list_shared(region).await
+        } else {
+            self.client.snapshot_list(region).await.map(Arc::new)
         }
     }
 
@@ -75,8 +76,9 @@ impl Inner {
         Ok(self
             .snapshots_in(&sref.region)
             .await?
-            .into_iter()
-            .find(|s| s.id == sref.uuid && s.region == sref.region))
+            .iter()
+            .find(|s| s.id == sref.uuid && s.region == sref.region)
+            .cloned())
     }
 
     /// The snapshot, once ready; `None` when it does not exist. `fresh`: this call has just
@@ -117,10 +119,10 @@ impl Inner {
         let find = || async {
             let list = self.snapshots_in(&src.region).await?;
             Ok::<_, Error>(
-                list.into_iter()
+                list.iter()
                     .filter(|s| s.readiness() != Readiness::Failed)
                     .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
-                    .map(|s| s.id),
+                    .map(|s| s.id.clone()),
             )
         };
         if let Some(id) = find().await? {
@@ -150,9 +152,9 @@ impl Inner {
             Err(e) if !intents::made_nothing(&e) => {
                 let list = self.snapshots_in(&src.region).await?;
                 let found = list
-                    .into_iter()
+                    .iter()
                     .find(|s| s.name == label && s.volume.as_ref().is_some_and(|v| v.id == src.id))
-                    .map(|s| s.id);
+                    .map(|s| s.id.clone());
                 found.inspect(|_| self.intents.clear(&key)).ok_or_else(|| {
                     Error::Unavailable(format!(
                         "creating snapshot {label:?} had an unknown outcome ({e}); a retry looks for it before creating again"
@@ -294,17 +296,17 @@ impl Inner {
         } else if !r.source_volume_id.is_empty() {
             if let Ok(vref) = r.source_volume_id.parse::<VolumeRef>() {
                 if self.cfg.regions.contains(&vref.region) {
-                    for s in self.snapshots_in(&vref.region).await? {
+                    for s in self.snapshots_in(&vref.region).await?.iter() {
                         if s.volume.as_ref().is_some_and(|v| v.id == vref.id) {
-                            found.push((vref.region.clone(), s));
+                            found.push((vref.region.clone(), s.clone()));
                         }
                     }
                 }
             }
         } else {
             for region in &self.cfg.regions {
-                for s in self.snapshots_in(region).await? {
-                    found.push((region.clone(), s));
+                for s in self.snapshots_in(region).await?.iter() {
+                    found.push((region.clone(), s.clone()));
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! ValidateVolumeCapabilities.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::wait::{Deadline, WaitKind};
 use super::{Inner, intents};
@@ -10,7 +11,7 @@ use crate::csi::*;
 use crate::driver::error::Error;
 use crate::driver::ids::{SnapshotRef, VolumeRef};
 use crate::driver::validate::{self, Access};
-use crate::lunanode::{ApiError, CreateSource, Readiness, Volume as CloudVolume};
+use crate::lunanode::{ApiError, CreateSource, Image, Readiness, Volume as CloudVolume};
 
 /// StorageClass parameters the driver understands. Keys the external-provisioner adds
 /// (`csi.storage.k8s.io/…`, with --extra-create-metadata) are accepted and ignored.
@@ -509,7 +510,7 @@ impl Inner {
         let what = format!("image {image_id} (snapshot {sref} replicated to {region})");
         let kind = WaitKind::Replicate;
         self.waits.until(kind, fresh, deadline, &what, || async {
-            let images = self.client.image_list(Some(region)).await?;
+            let images = self.images_in(region).await?;
             match images
                 .iter()
                 .find(|i| i.image_id == image_id)
@@ -543,8 +544,18 @@ impl Inner {
         Ok(vol)
     }
 
+    /// A region's images, from an `image/list` shared with concurrent callers unless
+    /// `--wait-share-list=false` (as [`Self::snapshots_in`]).
+    async fn images_in(&self, region: &str) -> Result<Arc<Vec<Image>>, ApiError> {
+        if self.waits.share_lists() {
+            self.client.image_list_shared(region).await
+        } else {
+            self.client.image_list(Some(region)).await.map(Arc::new)
+        }
+    }
+
     async fn find_image(&self, image_name: &str, region: &str) -> Result<Option<u64>, Error> {
-        let images = self.client.image_list(Some(region)).await?;
+        let images = self.images_in(region).await?;
         Ok(images
             .iter()
             .filter(|i| i.name == image_name && (i.region.is_empty() || i.region == region))
@@ -561,8 +572,7 @@ impl Inner {
     async fn cleanup_restore_leftovers(&self, name: &str, region: &str) -> Result<(), Error> {
         let image_name = restore_image_name(name);
         let images = self
-            .client
-            .image_list(Some(region))
+            .images_in(region)
             .await
             .map_err(|e| leftover_error(name, "restore image", e))?;
         for img in images.iter().filter(|i| i.name == image_name) {
@@ -585,8 +595,7 @@ impl Inner {
         }
         let label = clone_snapshot_name(name);
         let snaps = self
-            .client
-            .snapshot_list(&src.region)
+            .snapshots_in(&src.region)
             .await
             .map_err(|e| leftover_error(name, "clone snapshot", e))?;
         for s in snaps

@@ -155,7 +155,8 @@ pub struct WaitPolicy {
     /// cloud that answers "done" within a few ms of itself is not worth a burst of polls.
     pub min_gap: Duration,
     /// While more than one volume is waited for, poll through a `volume/list` shared by
-    /// all the waiters instead of one `volume/info` each.
+    /// all the waiters instead of one `volume/info` each; share region-wide snapshot and
+    /// image lists between concurrent callers.
     pub share_list: bool,
 }
 
@@ -546,6 +547,13 @@ impl Waits {
         self.policy.share_list
             && waiters > 1
             && waiters * VOLUMES_PER_WAITER >= self.listed.load(Relaxed)
+    }
+
+    /// Whether region-wide lists (`volume/snapshot-list`, `image/list`) are shared between
+    /// concurrent callers. Each poll of a snapshot or image is a whole list anyway, so
+    /// sharing never costs calls or memory, only, at times, waiting for the list on the wire.
+    pub fn share_lists(&self) -> bool {
+        self.policy.share_list
     }
 
     /// Report every wait's duration and polls to `metrics` from now on.
