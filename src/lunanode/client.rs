@@ -13,6 +13,7 @@ use super::joined::Joined;
 use super::nonce::{DEFAULT_MAX_AHEAD, NonceMode, Nonces};
 use super::ratelimit::RateLimiter;
 use super::reply;
+use super::sent;
 use super::sign::signature;
 use super::types::{Image, Snapshot, Vm, Volume};
 use crate::metrics::Metrics;
@@ -206,6 +207,7 @@ impl Client {
         };
 
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        sent::mark(tokio::time::Instant::now());
         let builder = match self.url(handler) {
             Some(url) => inner.http.post(url),
             None => inner

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use tokio::time::Instant;
 
 use super::error::ApiError;
+use super::sent;
 
-/// A shared call: a future that every caller awaits.
-pub type Call<T> = Shared<BoxFuture<'static, Result<Arc<T>, ApiError>>>;
+/// A shared call, which every caller awaits: its answer, and when it was sent.
+type Call<T> = Shared<BoxFuture<'static, Result<(Arc<T>, Option<Instant>), ApiError>>>;
 
 struct Slot<T> {
     /// The next call, not sent yet, which callers can join.
@@ -52,8 +54,20 @@ impl<K, T> Default for Joined<K, T> {
 
 impl<K: Eq + Hash + Clone, T: Send + Sync + 'static> Joined<K, T> {
     /// The answer of the next call for `key`: `send` makes the call's future, and is used
-    /// only when there is no call to join.
-    pub fn call<Fut>(&self, key: &K, send: impl FnOnce() -> Fut) -> Call<T>
+    /// only when there is no call to join. Every caller's task is told when the call was
+    /// sent ([`sent::last_sent`]), not only the one whose task happened to drive it.
+    pub async fn call<Fut>(&self, key: &K, send: impl FnOnce() -> Fut) -> Result<Arc<T>, ApiError>
+    where
+        Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
+    {
+        let (answer, at) = self.next_call(key, send).await?;
+        if let Some(at) = at {
+            sent::mark(at);
+        }
+        Ok(answer)
+    }
+
+    fn next_call<Fut>(&self, key: &K, send: impl FnOnce() -> Fut) -> Call<T>
     where
         Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
     {
@@ -71,7 +85,8 @@ impl<K: Eq + Hash + Clone, T: Send + Sync + 'static> Joined<K, T> {
             let _wire = this.on_the_wire.lock().await;
             // From here on this call is (about to be) sent: later callers start the next one.
             this.next.lock().expect("joined call lock").take();
-            fut.await.map(Arc::new)
+            let (answer, at) = sent::last_sent(fut).await;
+            answer.map(|v| (Arc::new(v), at))
         }
         .boxed()
         .shared();
@@ -86,62 +101,68 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// A call that takes 10 ms and counts how often it was sent.
+    /// A call that is sent at once, takes 10 ms, and counts how often it was sent.
     async fn counted(sent: Arc<AtomicUsize>) -> Result<usize, ApiError> {
+        sent::mark(Instant::now());
         let n = sent.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok(n)
+    }
+
+    /// A caller in a task of its own: the call's answer, and when its task was told the
+    /// call was sent.
+    fn spawn_call(
+        joined: &Arc<Joined<&'static str, usize>>,
+        key: &'static str,
+        sent: &Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<(usize, Option<Instant>)> {
+        let (joined, sent) = (joined.clone(), sent.clone());
+        tokio::spawn(async move {
+            let (answer, at) = sent::last_sent(joined.call(&key, || counted(sent))).await;
+            (*answer.unwrap(), at)
+        })
     }
 
     #[tokio::test(start_paused = true)]
     async fn callers_share_the_next_call_but_never_one_on_the_wire() {
         let joined: Arc<Joined<&str, usize>> = Arc::default();
         let sent = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
         // The first caller starts a call; it is on the wire once polled.
-        let first = tokio::spawn(joined.call(&"a", || counted(sent.clone())));
+        let first = spawn_call(&joined, "a", &sent);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(sent.load(Ordering::SeqCst), 1);
-        // Ten callers arriving meanwhile share one further call, sent after the first returns.
-        let later: Vec<_> = (0..10)
-            .map(|_| tokio::spawn(joined.call(&"a", || counted(sent.clone()))))
-            .collect();
+        // Ten callers arriving meanwhile share one further call, sent when the first
+        // returns, and every one of them learns when that was.
+        let later: Vec<_> = (0..10).map(|_| spawn_call(&joined, "a", &sent)).collect();
         // Another key is independent.
-        let other = tokio::spawn(joined.call(&"b", || counted(sent.clone())));
-        assert_eq!(*first.await.unwrap().unwrap(), 1);
+        let other = spawn_call(&joined, "b", &sent);
+        assert_eq!(first.await.unwrap(), (1, Some(t0)));
         for l in later {
-            assert_eq!(*l.await.unwrap().unwrap(), 3);
+            assert_eq!(l.await.unwrap(), (3, Some(t0 + Duration::from_millis(10))));
         }
-        assert_eq!(*other.await.unwrap().unwrap(), 2);
+        assert_eq!(other.await.unwrap().0, 2);
         assert_eq!(sent.load(Ordering::SeqCst), 3);
         // With nothing pending, the next caller sends at once.
-        assert_eq!(
-            *joined.call(&"a", || counted(sent.clone())).await.unwrap(),
-            4
-        );
+        assert_eq!(spawn_call(&joined, "a", &sent).await.unwrap().0, 4);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_all_its_callers_dropped_does_not_block_the_next() {
-        let joined: Joined<(), usize> = Joined::default();
+        let joined: Arc<Joined<&str, usize>> = Arc::default();
         let sent = Arc::new(AtomicUsize::new(0));
-        let abandoned = tokio::spawn(joined.call(&(), || counted(sent.clone())));
+        let abandoned = spawn_call(&joined, "a", &sent);
         tokio::time::sleep(Duration::from_millis(1)).await;
         abandoned.abort();
         let _ = abandoned.await;
-        assert_eq!(
-            *joined.call(&(), || counted(sent.clone())).await.unwrap(),
-            2
-        );
-        let failing = joined.call(&(), || async {
+        assert_eq!(spawn_call(&joined, "a", &sent).await.unwrap().0, 2);
+        let failing = joined.call(&"a", || async {
             Err::<usize, _>(ApiError::Other {
                 action: "x".into(),
                 message: "down".into(),
             })
         });
         assert!(failing.await.is_err());
-        assert_eq!(
-            *joined.call(&(), || counted(sent.clone())).await.unwrap(),
-            3
-        );
+        assert_eq!(spawn_call(&joined, "a", &sent).await.unwrap().0, 3);
     }
 }

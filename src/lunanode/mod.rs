@@ -13,6 +13,7 @@ mod joined;
 mod nonce;
 mod ratelimit;
 mod reply;
+mod sent;
 mod sign;
 mod types;
 
@@ -20,5 +21,8 @@ pub use client::{Client, ClientConfig, ClientStats, CreateSource, DEFAULT_BASE_U
 pub use credentials::{API_ID_LEN, API_KEY_LEN, Credentials, CredentialsError};
 pub use error::ApiError;
 pub use nonce::{DEFAULT_MAX_AHEAD as DEFAULT_NONCE_MAX_AHEAD, NonceMode};
+pub use sent::last_sent;
+#[cfg(test)]
+pub(crate) use sent::mark as mark_sent;
 pub use sign::signature;
 pub use types::{Image, REGIONS, Readiness, Snapshot, SnapshotVolume, Vm, Volume, html_unescape};

@@ -251,10 +251,10 @@ impl Estimator {
         (0..n).map(move |i| 0.5f64.powf((n - 1 - i) as f64 / Self::HALF_LIFE))
     }
 
-    /// Each observation's duration, in seconds, with its weight: its expected value within
-    /// its interval under a log-normal fitted to all the intervals by EM (started from the
-    /// midpoints, so a window of identical intervals stays at their midpoint and the plan
-    /// explores inside them).
+    /// Two durations per observation, in seconds, with their weights: its expected value
+    /// within its interval ± the standard deviation there, under a log-normal fitted to all
+    /// the intervals by EM (started from the midpoints, so a window of identical intervals
+    /// stays at their midpoint and the plan explores inside them), clamped to the interval.
     pub fn durations(&self) -> Vec<(f64, f64)> {
         let w: Vec<f64> = self.weights().collect();
         let total: f64 = w.iter().sum();
@@ -286,7 +286,20 @@ impl Estimator {
                 break;
             }
         }
-        at.iter().zip(w).map(|(x, w)| (x.exp(), w)).collect()
+        // Two points per bracket, its mean ± its standard deviation under the fit: one point
+        // at the mean alone has no spread of its own, so the points were narrower than the
+        // cloud, and fifty waits that followed one plan (identical brackets) collapsed onto a
+        // single poll. Mean ± deviation keeps the total variance.
+        let sigma = (mean(&second) - mu * mu).max(0.0).sqrt().max(NARROWEST);
+        let mut out = Vec::with_capacity(2 * logs.len());
+        for (&(a, b), w) in logs.iter().zip(w) {
+            let (m, m2) = truncated_normal(mu, sigma, a, b);
+            let sd = (m2 - m * m).max(0.0).sqrt();
+            for x in [m - sd, m + sd] {
+                out.push((x.clamp(a, b).exp(), w / 2.0));
+            }
+        }
+        out
     }
 
     /// The poll times (from the start of a wait, after the immediate check) that minimise
@@ -611,14 +624,23 @@ impl Waits {
         };
         // The transition is known to have taken longer than `not_before` (a check sent
         // then saw it pending) and at most until the ready check was sent. Both are times
-        // a check was *sent*, the times the plan chooses: a reply held up on its way back
-        // (a busy process, 50 waits at once) must not teach the plan to poll later.
+        // a check was *sent*: a reply held up on its way back (a busy process, 50 waits at
+        // once) must not teach the plan to poll later, nor a request held up on its way out
+        // (the in-flight bound, the rate limiter, a shared list on the wire) to poll sooner.
         let mut not_before = Duration::ZERO;
         let mut polls: u32 = 0;
+        // Each check's due and sent times, for the debug log.
+        let mut trail: Vec<(u32, u32)> = Vec::new();
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
         let outcome = loop {
-            let sent = start.elapsed();
+            let due = start.elapsed();
             polls += 1;
-            match check().await {
+            let (answer, left_at) = crate::lunanode::last_sent(check()).await;
+            let sent = left_at.map_or(due, |t| t.saturating_duration_since(start).max(due));
+            if debug {
+                trail.push((due.as_millis() as u32, sent.as_millis() as u32));
+            }
+            match answer {
                 Ok(Some(v)) => {
                     if fresh {
                         self.lock(kind).observe(not_before, sent);
@@ -661,6 +683,10 @@ impl Waits {
             };
             tokio::time::sleep_until(start + at.min(now + left)).await;
         };
+        if debug {
+            let plan: Vec<u128> = plan.iter().map(Duration::as_millis).collect();
+            tracing::debug!(kind = kind.name(), fresh, elapsed_ms = start.elapsed().as_millis() as u64, ?plan, checks = ?trail, "wait ended");
+        }
         if let Some(m) = self.metrics.get() {
             let result = match &outcome {
                 Ok(_) => "ready",
@@ -1026,13 +1052,72 @@ mod tests {
             e.observe(ms(lo), ms(hi));
         }
         let d = e.durations();
-        for (&(lo, hi), &(x, _)) in e.samples.iter().zip(&d) {
-            assert!(x >= lo - 1e-9 && x <= hi + 1e-9, "{x} outside ({lo}, {hi}]");
+        assert_eq!(d.len(), 2 * e.samples.len());
+        for (&(lo, hi), pair) in e.samples.iter().zip(d.chunks(2)) {
+            for &(x, _) in pair {
+                assert!(x >= lo - 1e-9 && x <= hi + 1e-9, "{x} outside ({lo}, {hi}]");
+            }
+            assert!(pair[0].0 <= pair[1].0, "{pair:?}");
         }
-        let first_poll = d[7].0;
+        let first_poll = (d[14].0 + d[15].0) / 2.0;
         assert!(
             (2.5..=2.8).contains(&first_poll),
             "caught by the first poll at 2.8 s, placed at {first_poll}"
+        );
+    }
+
+    /// Fifty waits that followed one plan, polls at 304 and 345 ms, for transitions of
+    /// 270–330 ms: 60% done by the first poll, the rest by the second. One point per bracket
+    /// (its mean) put them at 291 and 314 ms only, and after a round or two of this the plan
+    /// shrank to a single poll; two per bracket keep the width, and the plan spans it.
+    #[test]
+    fn identical_brackets_keep_the_clouds_width() {
+        let ms = Duration::from_millis;
+        let mut e = Estimator::default();
+        for i in 0..32 {
+            if i % 5 < 3 {
+                e.observe(ms(3), ms(304));
+            } else {
+                e.observe(ms(304), ms(345));
+            }
+        }
+        let plan = e.plan(Price::default(), &Backoff::default().scaled(0.1), ms(10));
+        assert!(plan.len() >= 3, "{plan:?}");
+        let span = *plan.last().unwrap() - plan[0];
+        assert!(span >= ms(30), "{plan:?}");
+        assert!(
+            plan[0] >= ms(270) && *plan.last().unwrap() <= ms(345),
+            "{plan:?}"
+        );
+    }
+
+    /// A check whose request waits 50 ms before it leaves (the in-flight bound, a shared
+    /// list on the wire) saw the cloud 50 ms after it was due: the bracket ends there.
+    #[tokio::test(start_paused = true)]
+    async fn brackets_end_when_the_request_left_not_when_it_was_due() {
+        let w = waits(learned(0.01));
+        let start = Instant::now();
+        let took = Duration::from_millis(1000);
+        w.until(
+            WaitKind::Extend,
+            true,
+            Deadline::new(None, Duration::from_secs(60)),
+            "x",
+            || async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::lunanode::mark_sent(Instant::now());
+                Ok((start.elapsed() >= took).then_some(()))
+            },
+        )
+        .await
+        .unwrap();
+        let e = w.lock(WaitKind::Extend);
+        let (lo, hi) = e.samples[0];
+        // The fixed backoff's checks (0.5 s, then 0.75 s after each answer) were due at 0,
+        // 0.55 and 1.35 s and left 50 ms later: pending at 0.6, done at 1.4 (not 0.55, 1.35).
+        assert!(
+            (lo - 0.6).abs() < 0.005 && (hi - 1.4).abs() < 0.005,
+            "({lo}, {hi}]"
         );
     }
 
