@@ -368,7 +368,20 @@ fn stage_mount(
     }
 
     // A disk formatted just now already fills its device: nothing to grow.
-    let fresh = match probe::probe(&dev.path)? {
+    let probed = match probe::probe(&dev.path) {
+        // This node's own mkfs was killed half-way (the note it left says so): the data is
+        // nothing but that mkfs's, so formatting again loses nothing.
+        Err(VolumeError::NotBlank { what, .. })
+            if what == probe::DATA_WITHOUT_SIGNATURE
+                && !ro
+                && fs::interrupted_format(staging, &dev.link) =>
+        {
+            tracing::warn!(device = %dev.path.display(), "an earlier format of this device was interrupted; formatting it again");
+            Probe::Blank
+        }
+        other => other?,
+    };
+    let fresh = match probed {
         Probe::Filesystem(found) if found == fs_type => {
             // An offline expansion: grow ext4 while it is still unmounted.
             if fs_type == "ext4" && !ro {
@@ -409,7 +422,8 @@ fn stage_mount(
             // the disk was found. Never format a disk we did not verify.
             device::still_same(dev)?;
             // mkfs's own exit status is the check; a bad result would fail the mount.
-            fs::format(&dev.path, fs_type)?;
+            mount::ensure_dir(staging)?;
+            fs::format_noted(&dev.path, &dev.link, staging, fs_type)?;
             true
         }
     };

@@ -41,6 +41,40 @@ pub fn mkfs_command<'a>(fs_type: &str, device: &'a Path) -> Option<(&'static str
     }
 }
 
+/// The file in a staging directory that says "this node began formatting the disk behind
+/// this by-id link here": written (and synced) before mkfs, removed once it succeeded.
+const FORMATTING: &str = ".lunanode-csi-formatting";
+
+/// Format `device` (found through `link`) for staging at `staging`, leaving a note there while
+/// mkfs runs. A node plugin killed inside mkfs leaves data in the first MiB and no
+/// signature yet, which the probe rightly calls "not blank": without the note that volume
+/// could never be staged again. Call this only after [`super::probe::probe`] returned
+/// [`super::Probe::Blank`] for the same device, or [`interrupted_format`] said yes.
+pub fn format_noted(
+    device: &Path,
+    link: &Path,
+    staging: &Path,
+    fs_type: &str,
+) -> Result<(), VolumeError> {
+    let note = staging.join(FORMATTING);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&note)?;
+        std::io::Write::write_all(&mut f, link.as_os_str().as_encoded_bytes())?;
+        f.sync_all()?;
+        std::fs::File::open(staging)?.sync_all()
+    };
+    write().map_err(|e| VolumeError::io(format!("writing {}", note.display()), e))?;
+    format(device, fs_type)?;
+    std::fs::remove_file(&note)
+        .map_err(|e| VolumeError::io(format!("removing {}", note.display()), e))
+}
+
+/// Whether `staging` holds the note of a format of the disk behind `link` that did not
+/// finish: the unnamed data on it is then this node's own half-written mkfs.
+pub fn interrupted_format(staging: &Path, link: &Path) -> bool {
+    std::fs::read(staging.join(FORMATTING)).is_ok_and(|b| b == link.as_os_str().as_encoded_bytes())
+}
+
 /// Format `device` with `fs_type`. Call this only after [`super::probe::probe`] returned
 /// [`super::Probe::Blank`] for the same device.
 pub fn format(device: &Path, fs_type: &str) -> Result<(), VolumeError> {
@@ -79,6 +113,34 @@ mod tests {
         assert_eq!(a, ["-K", "/dev/vdb"]);
         assert!(mkfs_command("btrfs", Path::new("/dev/vdb")).is_none());
         assert!(is_supported("xfs") && is_supported("ext4") && !is_supported("ext3"));
+    }
+
+    /// The note is there while mkfs runs (an interrupted format leaves it) and gone after;
+    /// it names one disk, so another disk's unnamed data is still refused.
+    #[test]
+    fn a_format_leaves_a_note_only_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let link = Path::new("/dev/disk/by-id/virtio-abc");
+        let other = Path::new("/dev/disk/by-id/virtio-def");
+        assert!(!interrupted_format(&staging, link));
+        // A mkfs that fails (here: no such device) is as unfinished as a killed one.
+        let missing = dir.path().join("no-such-disk");
+        assert!(format_noted(&missing, link, &staging, "ext4").is_err());
+        assert!(interrupted_format(&staging, link));
+        assert!(!interrupted_format(&staging, other));
+        if cmd::run("mkfs.ext4", ["-V"]).is_err() {
+            return;
+        }
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        format_noted(&img, link, &staging, "ext4").unwrap();
+        assert!(!interrupted_format(&staging, link));
+        assert!(!staging.join(FORMATTING).exists());
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct Ends {
     pub head_zero: bool,
 }
 
+/// Why a device whose first MiB holds data that blkid cannot name is not blank (also how
+/// the node recognises its own interrupted mkfs, see `fs::interrupted_format`).
+pub const DATA_WITHOUT_SIGNATURE: &str = "the first MiB holds data but no known signature";
+
 /// Interpret a finished `blkid -p -o export` run together with the result of [`read_ends`]
 /// (read the first and the last MiB). The reads matter only when blkid cleanly says it found
 /// nothing; then a failed read, or data in the first MiB, means "not blank".
@@ -98,9 +102,7 @@ pub fn interpret(
             if ends?.head_zero {
                 Ok(Probe::Blank)
             } else {
-                Err(not_blank(
-                    "the first MiB holds data but no known signature".into(),
-                ))
+                Err(not_blank(DATA_WITHOUT_SIGNATURE.into()))
             }
         }
         Some(2) => Err(not_blank(format!(
