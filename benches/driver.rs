@@ -1082,7 +1082,8 @@ async fn phase_stage(args: &Args) -> Value {
         let (id, dev) = fresh_device(&sim, &client, &format!("direct-{i}"), gb).await;
         let target = work.path().join(format!("direct-{i}"));
         std::fs::create_dir_all(&target).unwrap();
-        let (program, mkfs_args) = lunanode_csi::volumes::fs::mkfs_command("ext4", &dev).unwrap();
+        let (program, mkfs_args) =
+            lunanode_csi::volumes::fs::mkfs_command("ext4", &dev, false).unwrap();
         let t = Instant::now();
         timed_cmd(program, &mkfs_args);
         nix::mount::mount(

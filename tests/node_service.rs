@@ -105,6 +105,14 @@ async fn stage(
     .map(drop)
 }
 
+/// Assert that a call failed with `code` and a message naming `needle`.
+#[track_caller]
+fn refused<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let err = r.unwrap_err();
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(needle), "{}", err.message());
+}
+
 async fn unstage(c: &mut Client, vol: &str, staging: &Path) -> Result<(), tonic::Status> {
     c.node_unstage_volume(NodeUnstageVolumeRequest {
         volume_id: vol.into(),
@@ -363,11 +371,11 @@ async fn wrong_filesystem_and_partition_table_are_refused_untouched() {
         mkfs("xfs", &d.dev);
         put_file("xfs", &d.dev, &fx.path("prep"), "precious", b"xfs data");
         let staging = fx.path("gm-xfs");
-        let err = stage(&mut c, "vol-x", &d, &staging, mount_cap("ext4"))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-        assert!(err.message().contains("xfs"), "{}", err.message());
+        refused(
+            stage(&mut c, "vol-x", &d, &staging, mount_cap("ext4")).await,
+            Code::FailedPrecondition,
+            "xfs",
+        );
         assert!(!is_mount_point(&staging));
         assert_eq!(blkid_type(&d.dev).as_deref(), Some("xfs"));
         assert_eq!(
@@ -381,14 +389,10 @@ async fn wrong_filesystem_and_partition_table_are_refused_untouched() {
     let p = fx.disk(64 * MIB);
     write_mbr(&p.dev);
     let staging = fx.path("gm-pt");
-    let err = stage(&mut c, "vol-p", &p, &staging, mount_cap("ext4"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(
-        err.message().contains("partition table"),
-        "{}",
-        err.message()
+    refused(
+        stage(&mut c, "vol-p", &p, &staging, mount_cap("ext4")).await,
+        Code::FailedPrecondition,
+        "partition table",
     );
     assert!(!is_mount_point(&staging));
     let out = run("blkid", &["-p", "-o", "export", p.dev.to_str().unwrap()]);
@@ -459,11 +463,11 @@ async fn size_mismatch_and_foreign_mount_are_refused() {
     let mut wrong = a.clone();
     wrong.size = 128 * MIB;
     let staging = fx.path("gm");
-    let err = stage(&mut c, "vol-a", &wrong, &staging, mount_cap("ext4"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("size"), "{}", err.message());
+    refused(
+        stage(&mut c, "vol-a", &wrong, &staging, mount_cap("ext4")).await,
+        Code::FailedPrecondition,
+        "size",
+    );
     assert_eq!(blkid_type(&a.dev), None, "nothing was formatted");
 
     // A stages; then B at the same path is refused and A stays.
@@ -876,17 +880,106 @@ async fn data_without_a_signature_is_never_formatted() {
         "the noise must carry no signature"
     );
     let staging = fx.path("gm");
-    let err = stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(
-        err.message().contains("no known signature"),
-        "{}",
-        err.message()
+    refused(
+        stage(&mut c, "v", &d, &staging, mount_cap("ext4")).await,
+        Code::FailedPrecondition,
+        "no known signature",
     );
     assert!(!is_mount_point(&staging));
     assert_eq!(read_head(&d.dev, MIB as usize), bytes, "bytes untouched");
+}
+
+/// The note a format leaves in the staging directory while mkfs runs (see `volumes::fs`).
+fn format_note(fx: &Fixture, d: &Disk, staging: &Path) -> PathBuf {
+    std::fs::create_dir_all(staging).unwrap();
+    let note = staging.join(".lunanode-csi-formatting");
+    let link = lunanode_csi::volumes::device::by_id_link(&fx.by_id, &d.serial);
+    std::fs::write(&note, link.as_os_str().as_encoded_bytes()).unwrap();
+    note
+}
+
+// mkfs.xfs writes its superblock "in progress" first and clears the flag last: a kill in
+// between leaves an xfs that blkid names and the kernel will never mount. This node's own
+// (its note says so) is formatted again; one it did not start is refused, untouched.
+#[tokio::test]
+async fn an_unfinished_xfs_is_redone_only_when_this_node_began_it() {
+    if !can_run() || !have("mkfs.xfs") || !have("xfs_db") {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(512 * MIB);
+    mkfs("xfs", &d.dev);
+    run(
+        "xfs_db",
+        &[
+            "-x",
+            "-c",
+            "sb 0",
+            "-c",
+            "write inprogress 1",
+            d.dev.to_str().unwrap(),
+        ],
+    );
+    let uuid = blkid_uuid(&d.dev);
+    let head = read_head(&d.dev, MIB as usize);
+    let staging = fx.path("gm");
+
+    refused(
+        stage(&mut c, "v", &d, &staging, mount_cap("xfs")).await,
+        Code::FailedPrecondition,
+        "mkfs never finished",
+    );
+    assert!(!is_mount_point(&staging));
+    assert_eq!(read_head(&d.dev, MIB as usize), head, "bytes untouched");
+
+    // Read-only never writes, even to redo this node's own format.
+    let note = format_note(&fx, &d, &staging);
+    let ro = cap_with("xfs", Mode::SingleNodeReaderOnly, &[]);
+    assert!(stage(&mut c, "v", &d, &staging, ro).await.is_err());
+    assert_eq!(read_head(&d.dev, MIB as usize), head, "bytes untouched");
+
+    stage(&mut c, "v", &d, &staging, mount_cap("xfs"))
+        .await
+        .unwrap();
+    assert_eq!(blkid_type(&d.dev).as_deref(), Some("xfs"));
+    assert_ne!(blkid_uuid(&d.dev), uuid, "formatted again");
+    std::fs::write(staging.join("f"), b"1").unwrap();
+    unstage(&mut c, "v", &staging).await.unwrap();
+    assert!(!note.exists());
+    assert!(!staging.exists(), "nothing left behind");
+}
+
+// A kill between mkfs and removing the note leaves a note beside a finished filesystem.
+// That filesystem's data is kept (the note licenses formatting only unnamed data or an
+// unfinished xfs), the note is cleared before the mount hides it, and unstage removes the
+// directory.
+#[tokio::test]
+async fn a_note_beside_a_finished_filesystem_is_cleared_and_the_data_kept() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let d = fx.disk(64 * MIB);
+    mkfs("ext4", &d.dev);
+    put_file("ext4", &d.dev, &fx.path("prep"), "precious", b"keep");
+    let uuid = blkid_uuid(&d.dev);
+    let staging = fx.path("gm");
+    let note = format_note(&fx, &d, &staging);
+    stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(staging.join("precious")).unwrap(), b"keep");
+    assert_eq!(blkid_uuid(&d.dev), uuid);
+    unstage(&mut c, "v", &staging).await.unwrap();
+    assert!(!note.exists());
+    assert!(!staging.exists(), "nothing left behind");
+
+    // A note found at unstage with nothing mounted may record an interrupted format: kept.
+    let note = format_note(&fx, &d, &staging);
+    unstage(&mut c, "v", &staging).await.unwrap();
+    assert!(note.exists());
 }
 
 // blkid exits 2 without a word on a disk it cannot read; the reads of both ends catch it.
@@ -901,14 +994,10 @@ async fn a_disk_that_cannot_be_read_is_never_formatted() {
     };
     let mut c = start(&fx, Duration::from_secs(5)).await;
     let staging = fx.path("unreadable");
-    let err = stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert!(
-        err.message().contains("cannot read the"),
-        "{}",
-        err.message()
+    refused(
+        stage(&mut c, "v", &d, &staging, mount_cap("ext4")).await,
+        Code::Internal,
+        "cannot read the",
     );
     assert!(!is_mount_point(&staging));
 }
@@ -961,14 +1050,10 @@ async fn read_only_staging_never_writes_to_the_disk() {
     .enumerate()
     {
         let staging = fx.path(&format!("gm-blank-{i}"));
-        let err = stage(&mut c, "vb", &blank, &staging, cap)
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-        assert!(
-            err.message().contains("cannot be staged read-only"),
-            "{}",
-            err.message()
+        refused(
+            stage(&mut c, "vb", &blank, &staging, cap).await,
+            Code::FailedPrecondition,
+            "cannot be staged read-only",
         );
         assert!(!is_mount_point(&staging));
         assert_eq!(blkid_type(&blank.dev), None, "not formatted");
@@ -1051,11 +1136,11 @@ async fn staging_again_with_an_incompatible_capability_is_already_exists() {
         None::<&str>,
     )
     .unwrap();
-    let err = stage(&mut c, "v2", &d, &sub_staging, mount_cap("ext4"))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    assert!(err.message().contains("subtree"), "{}", err.message());
+    refused(
+        stage(&mut c, "v2", &d, &sub_staging, mount_cap("ext4")).await,
+        Code::AlreadyExists,
+        "subtree",
+    );
     assert_eq!(std::fs::read(sub_staging.join("f")).unwrap(), b"keep");
 
     // The same capability again is still fine.

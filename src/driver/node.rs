@@ -382,7 +382,30 @@ fn stage_mount(
         other => other?,
     };
     let fresh = match probed {
+        Probe::Filesystem(found)
+            if found == fs_type && probe::unfinished_mkfs(&dev.path, fs_type)? =>
+        {
+            // blkid names it but the kernel will never mount it. Redone only when it is
+            // this node's own interrupted format; anything else is somebody's data.
+            if ro || !fs::interrupted_format(staging, &dev.link) {
+                return Err(VolumeError::NotBlank {
+                    device: dev.path.clone(),
+                    what: format!(
+                        "its {fs_type} superblock says mkfs never finished, and this node did not start that mkfs; wipe the device (wipefs -a) if nothing on it is needed"
+                    ),
+                }
+                .into());
+            }
+            tracing::warn!(device = %dev.path.display(), fs_type, "an earlier format of this device was interrupted; formatting it again");
+            device::still_same(dev)?;
+            fs::format_noted(&dev.path, &dev.link, staging, fs_type, true)?;
+            true
+        }
         Probe::Filesystem(found) if found == fs_type => {
+            // Finished: a note of its format left by a kill just after mkfs (or by a
+            // version that kept it) has done its job, and under the mount it would keep
+            // unstage from removing the directory.
+            fs::clear_note(staging)?;
             // An offline expansion: grow ext4 while it is still unmounted.
             if fs_type == "ext4" && !ro {
                 resize::grow_ext4_offline(&dev.path)?;
@@ -423,7 +446,7 @@ fn stage_mount(
             device::still_same(dev)?;
             // mkfs's own exit status is the check; a bad result would fail the mount.
             mount::ensure_dir(staging)?;
-            fs::format_noted(&dev.path, &dev.link, staging, fs_type)?;
+            fs::format_noted(&dev.path, &dev.link, staging, fs_type, false)?;
             true
         }
     };
@@ -772,7 +795,12 @@ impl Node for NodeService {
             let guard = self.lock(&req.volume_id)?;
             blocking(guard, move || {
                 refuse_if_still_published(&staging)?;
-                mount::unmount(&staging)?;
+                // What was mounted was a finished filesystem, so a note of its format found
+                // under the mount is stale. Without a mount, a note is kept: it may record
+                // this node's own interrupted format for the next stage to redo.
+                if mount::unmount(&staging)? {
+                    fs::clear_note(&staging)?;
+                }
                 // kubelet re-creates the directory before each stage; leave nothing behind.
                 if std::fs::symlink_metadata(&staging).is_ok_and(|m| m.is_dir()) {
                     mount::remove_target(&staging)?;

@@ -22,7 +22,11 @@ pub fn is_supported(fs_type: &str) -> bool {
 }
 
 /// The program and arguments that format `device` with `fs_type`.
-pub fn mkfs_command<'a>(fs_type: &str, device: &'a Path) -> Option<(&'static str, Vec<&'a OsStr>)> {
+pub fn mkfs_command<'a>(
+    fs_type: &str,
+    device: &'a Path,
+    overwrite: bool,
+) -> Option<(&'static str, Vec<&'a OsStr>)> {
     let dev = device.as_os_str();
     match fs_type {
         "ext4" => Some((
@@ -35,7 +39,9 @@ pub fn mkfs_command<'a>(fs_type: &str, device: &'a Path) -> Option<(&'static str
                 dev,
             ],
         )),
-        // No -f: mkfs.xfs itself refuses to overwrite an existing filesystem.
+        // Without -f mkfs.xfs itself refuses to overwrite an existing filesystem: a second
+        // guard beside the probe, dropped only to redo this node's own unfinished format.
+        "xfs" if overwrite => Some(("mkfs.xfs", vec![OsStr::new("-K"), OsStr::new("-f"), dev])),
         "xfs" => Some(("mkfs.xfs", vec![OsStr::new("-K"), dev])),
         _ => None,
     }
@@ -47,14 +53,17 @@ const FORMATTING: &str = ".lunanode-csi-formatting";
 
 /// Format `device` (found through `link`) for staging at `staging`, leaving a note there while
 /// mkfs runs. A node plugin killed inside mkfs leaves data in the first MiB and no
-/// signature yet, which the probe rightly calls "not blank": without the note that volume
-/// could never be staged again. Call this only after [`super::probe::probe`] returned
-/// [`super::Probe::Blank`] for the same device, or [`interrupted_format`] said yes.
+/// signature yet (or, for xfs, a superblock marked "being created"), which the probe rightly
+/// calls "not blank": without the note that volume could never be staged again. Call this
+/// only after [`super::probe::probe`] returned [`super::Probe::Blank`] for the same device,
+/// or [`interrupted_format`] said yes; `overwrite` (redoing this node's own unfinished
+/// format over the signature it left) lets mkfs.xfs write over an existing filesystem.
 pub fn format_noted(
     device: &Path,
     link: &Path,
     staging: &Path,
     fs_type: &str,
+    overwrite: bool,
 ) -> Result<(), VolumeError> {
     let note = staging.join(FORMATTING);
     let write = || -> std::io::Result<()> {
@@ -64,9 +73,22 @@ pub fn format_noted(
         std::fs::File::open(staging)?.sync_all()
     };
     write().map_err(|e| VolumeError::io(format!("writing {}", note.display()), e))?;
-    format(device, fs_type)?;
-    std::fs::remove_file(&note)
-        .map_err(|e| VolumeError::io(format!("removing {}", note.display()), e))
+    mkfs(device, fs_type, overwrite)?;
+    clear_note(staging)
+}
+
+/// Remove the note of a format from `staging`, if there is one. Call it once the disk is
+/// known to hold a finished filesystem: the note would otherwise stay under the mount and
+/// keep the directory from being removed at unstage, and it must never outlive the format
+/// it describes (it licenses formatting the disk again).
+pub fn clear_note(staging: &Path) -> Result<(), VolumeError> {
+    let note = staging.join(FORMATTING);
+    match std::fs::remove_file(&note) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(VolumeError::io(format!("removing {}", note.display()), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether `staging` holds the note of a format of the disk behind `link` that did not
@@ -78,7 +100,11 @@ pub fn interrupted_format(staging: &Path, link: &Path) -> bool {
 /// Format `device` with `fs_type`. Call this only after [`super::probe::probe`] returned
 /// [`super::Probe::Blank`] for the same device.
 pub fn format(device: &Path, fs_type: &str) -> Result<(), VolumeError> {
-    let Some((program, args)) = mkfs_command(fs_type, device) else {
+    mkfs(device, fs_type, false)
+}
+
+fn mkfs(device: &Path, fs_type: &str, overwrite: bool) -> Result<(), VolumeError> {
+    let Some((program, args)) = mkfs_command(fs_type, device, overwrite) else {
         return Err(VolumeError::Command {
             program: format!("mkfs.{fs_type}"),
             status: "not run".into(),
@@ -96,7 +122,7 @@ mod tests {
 
     #[test]
     fn fast_format_options() {
-        let (p, a) = mkfs_command("ext4", Path::new("/dev/vdb")).unwrap();
+        let (p, a) = mkfs_command("ext4", Path::new("/dev/vdb"), false).unwrap();
         assert_eq!(p, "mkfs.ext4");
         assert_eq!(
             a,
@@ -108,10 +134,17 @@ mod tests {
                 "/dev/vdb"
             ]
         );
-        let (p, a) = mkfs_command("xfs", Path::new("/dev/vdb")).unwrap();
+        let (p, a) = mkfs_command("xfs", Path::new("/dev/vdb"), false).unwrap();
         assert_eq!(p, "mkfs.xfs");
         assert_eq!(a, ["-K", "/dev/vdb"]);
-        assert!(mkfs_command("btrfs", Path::new("/dev/vdb")).is_none());
+        let (_, a) = mkfs_command("xfs", Path::new("/dev/vdb"), true).unwrap();
+        assert_eq!(a, ["-K", "-f", "/dev/vdb"]);
+        let (_, a) = mkfs_command("ext4", Path::new("/dev/vdb"), true).unwrap();
+        assert_eq!(
+            a[0], "-F",
+            "mkfs.ext4 always runs forced: the probe is the guard"
+        );
+        assert!(mkfs_command("btrfs", Path::new("/dev/vdb"), false).is_none());
         assert!(is_supported("xfs") && is_supported("ext4") && !is_supported("ext3"));
     }
 
@@ -127,9 +160,13 @@ mod tests {
         assert!(!interrupted_format(&staging, link));
         // A mkfs that fails (here: no such device) is as unfinished as a killed one.
         let missing = dir.path().join("no-such-disk");
-        assert!(format_noted(&missing, link, &staging, "ext4").is_err());
+        assert!(format_noted(&missing, link, &staging, "ext4", false).is_err());
         assert!(interrupted_format(&staging, link));
         assert!(!interrupted_format(&staging, other));
+        clear_note(&staging).unwrap();
+        assert!(!interrupted_format(&staging, link));
+        clear_note(&staging).unwrap();
+        clear_note(&dir.path().join("no-such-dir")).unwrap();
         if cmd::run("mkfs.ext4", ["-V"]).is_err() {
             return;
         }
@@ -138,7 +175,7 @@ mod tests {
             .unwrap()
             .set_len(16 << 20)
             .unwrap();
-        format_noted(&img, link, &staging, "ext4").unwrap();
+        format_noted(&img, link, &staging, "ext4", false).unwrap();
         assert!(!interrupted_format(&staging, link));
         assert!(!staging.join(FORMATTING).exists());
     }

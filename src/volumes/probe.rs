@@ -230,6 +230,21 @@ fn read_region(
     Ok(())
 }
 
+/// `device` opened again with `O_DIRECT` if it is a block device (`meta`), so that reads see
+/// the disk itself rather than what the page cache holds of it; `None` where it cannot be.
+fn open_direct(device: &Path, meta: &std::fs::Metadata) -> Option<File> {
+    meta.file_type()
+        .is_block_device()
+        .then(|| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECT)
+                .open(device)
+                .ok()
+        })
+        .flatten()
+}
+
 /// Read the first and the last [`READ_CHECK_BYTES`] of the device (a device whose end cannot
 /// be read may hide a signature there, e.g. GPT's backup header or an md superblock), and
 /// report whether the first part is all zeros. A block device is read with `O_DIRECT`, both
@@ -249,15 +264,7 @@ fn read_ends_until(device: &Path, stop: &AtomicBool) -> Result<Ends, VolumeError
     let size = (&f)
         .seek(SeekFrom::End(0))
         .map_err(|e| VolumeError::io(format!("cannot read the size of {}", device.display()), e))?;
-    let direct = if meta.file_type().is_block_device() {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(device)
-            .ok()
-    } else {
-        None
-    };
+    let direct = open_direct(device, &meta);
     let direct = direct.as_ref();
     let mib = READ_CHECK_BYTES / (1 << 20);
     let failed = |which: &str, e: io::Error| {
@@ -284,6 +291,32 @@ fn read_ends_until(device: &Path, stop: &AtomicBool) -> Result<Ends, VolumeError
     let head_zero = head?;
     tail?;
     Ok(Ends { head_zero })
+}
+
+/// Byte of the xfs superblock (`sb_inprogress`) that mkfs.xfs sets when it first writes the
+/// superblock and clears when it is done; the kernel will not mount xfs while it is set.
+const XFS_SB_INPROGRESS: usize = 126;
+
+/// Whether the `fs_type` filesystem that [`probe`] found on `device` was left unfinished by
+/// its mkfs. Only xfs can say so (see [`XFS_SB_INPROGRESS`]): blkid names it, yet it can
+/// never be mounted. mke2fs writes ext4's primary superblock last, so an ext4 that blkid
+/// names is finished.
+pub fn unfinished_mkfs(device: &Path, fs_type: &str) -> Result<bool, VolumeError> {
+    if fs_type != "xfs" {
+        return Ok(false);
+    }
+    let failed = |e| {
+        VolumeError::io(
+            format!("cannot read the superblock of {}", device.display()),
+            e,
+        )
+    };
+    let f = File::open(device).map_err(failed)?;
+    let direct = f.metadata().ok().and_then(|m| open_direct(device, &m));
+    let mut buf = AlignedBuf::new(DIRECT_ALIGN);
+    read_chunk(device, direct.as_ref(), &mut None, 0, buf.as_mut()).map_err(failed)?;
+    let sb = buf.as_mut();
+    Ok(&sb[..4] == b"XFSB" && sb[XFS_SB_INPROGRESS] != 0)
 }
 
 /// `blkid -p -o export <device>`.
@@ -345,6 +378,32 @@ mod tests {
     }
 
     const DEV: &str = "/dev/vdz";
+
+    /// Only an xfs superblock with `sb_inprogress` set is unfinished; other filesystems are
+    /// not read at all.
+    #[test]
+    fn an_xfs_superblock_in_progress_is_unfinished() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sb.img");
+        let mut sb = vec![0u8; 64 << 10];
+        sb[..4].copy_from_slice(b"XFSB");
+        sb[XFS_SB_INPROGRESS] = 1;
+        std::fs::write(&img, &sb).unwrap();
+        assert!(unfinished_mkfs(&img, "xfs").unwrap());
+        assert!(!unfinished_mkfs(&img, "ext4").unwrap());
+        sb[XFS_SB_INPROGRESS] = 0;
+        std::fs::write(&img, &sb).unwrap();
+        assert!(!unfinished_mkfs(&img, "xfs").unwrap());
+        sb[..4].copy_from_slice(b"XFSC");
+        sb[XFS_SB_INPROGRESS] = 1;
+        std::fs::write(&img, &sb).unwrap();
+        assert!(
+            !unfinished_mkfs(&img, "xfs").unwrap(),
+            "not an xfs superblock"
+        );
+        assert!(unfinished_mkfs(&dir.path().join("missing"), "xfs").is_err());
+        assert!(!unfinished_mkfs(&dir.path().join("missing"), "ext4").unwrap());
+    }
 
     #[test]
     fn filesystem_and_partition_table() {
