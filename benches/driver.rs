@@ -375,7 +375,7 @@ impl Driver {
             "--api-url",
             &sim.url,
             "--log-level",
-            "warn",
+            &std::env::var("LUNANODE_CSI_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         ])
         .args(extra)
         .env_remove("RUST_LOG")
