@@ -228,7 +228,71 @@ pub struct Estimator {
     /// The last plan and what it was made for: fifty waits started together ask for the
     /// same one, and with 128 points it costs up to half a millisecond when the call budget
     /// binds (the price is then found by bisection).
-    cached: Option<(Price, Duration, Vec<Duration>)>,
+    cached: Option<(Price, Duration, Plan)>,
+    /// The API calls waits that followed a plan made, against what their plans expected.
+    spent: Spent,
+}
+
+/// What waits that followed a plan cost, against what was expected: decayed sums.
+///
+/// The call budget is checked on the learnt durations when the plan is made: the plan's
+/// expected calls against the fixed backoff's expected calls on the same durations. Neither
+/// is what the issue measures, which is the calls waits *make* against what the fixed
+/// backoff would *have made* on the same transitions. At concurrency 50 they part: fifty waits
+/// started together learn their round's fast end first, and a poll held up skips a plan
+/// point, so the spread cloud's waits made 3–13% more calls than the budget allowed for
+/// (docs/benchmarks.md). Both sides are therefore also recorded as they turned out (the
+/// fixed backoff's calls for the duration the wait bracketed), and the budget is corrected
+/// by the two ratios.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    /// The plan's expected calls, and the fixed backoff's on the same learnt durations.
+    planned: f64,
+    planned_fixed: f64,
+    /// The calls the wait made, and the fixed backoff's for the duration it bracketed.
+    made: f64,
+    made_fixed: f64,
+    at: Option<Instant>,
+}
+
+/// One wait's entry in [`Spent`].
+#[derive(Debug, Clone, Copy)]
+struct Spending {
+    planned: f64,
+    planned_fixed: f64,
+    made: f64,
+    made_fixed: f64,
+}
+
+impl Spent {
+    /// Known enough once this many calls were planned (a few waits).
+    const ENOUGH: f64 = 8.0;
+    /// How far the correction may move the budget either way: a correction, not a budget.
+    const BOUNDS: (f64, f64) = (0.75, 1.33);
+
+    /// One wait, ended `at`; older ones weigh half as much every `half_life`.
+    fn record(&mut self, s: Spending, at: Instant, half_life: Duration) {
+        let age = self
+            .at
+            .map_or(0.0, |t| at.saturating_duration_since(t).as_secs_f64());
+        let keep = 0.5f64.powf(age / half_life.as_secs_f64().max(1e-3));
+        self.planned = self.planned * keep + s.planned;
+        self.planned_fixed = self.planned_fixed * keep + s.planned_fixed;
+        self.made = self.made * keep + s.made;
+        self.made_fixed = self.made_fixed * keep + s.made_fixed;
+        self.at = Some(at);
+    }
+
+    /// What the budget on the learnt durations is divided by so that it holds for the calls
+    /// made: (made / planned) × (fixed on the learnt durations / fixed as it would have
+    /// made); 1 until enough is known; within [`Self::BOUNDS`].
+    fn ratio(&self) -> f64 {
+        if self.planned < Self::ENOUGH || self.made_fixed <= 0.0 {
+            return 1.0;
+        }
+        let r = (self.made / self.planned) * (self.planned_fixed / self.made_fixed);
+        r.clamp(Self::BOUNDS.0, Self::BOUNDS.1)
+    }
 }
 
 /// The shortest duration the fit works with (log space needs one), and the narrowest
@@ -266,11 +330,16 @@ impl Estimator {
         self.samples.is_empty()
     }
 
-    fn weights(&self) -> impl Iterator<Item = f64> + '_ {
+    /// How long it takes for an observation's weight to halve: [`Self::HALF_LIFE`]
+    /// typical transition times, the median of the window's bracket ends.
+    fn half_life(&self) -> f64 {
         let mut ends: Vec<f64> = self.samples.iter().map(|s| s.1).collect();
         ends.sort_by(f64::total_cmp);
-        let typical = ends.get(ends.len() / 2).copied().unwrap_or(1.0);
-        let half_life = Self::HALF_LIFE * typical;
+        Self::HALF_LIFE * ends.get(ends.len() / 2).copied().unwrap_or(1.0)
+    }
+
+    fn weights(&self) -> impl Iterator<Item = f64> + '_ {
+        let half_life = self.half_life();
         let newest = self.samples.back().map(|s| s.2);
         self.samples.iter().map(move |s| {
             let age = newest.map_or(0.0, |n| n.saturating_duration_since(s.2).as_secs_f64());
@@ -338,26 +407,44 @@ impl Estimator {
     /// polls between two of its points) and the last at the longest. Empty while fewer than
     /// [`Self::MIN_SAMPLES`] were recorded.
     pub fn plan(&mut self, price: Price, backoff: &Backoff, gap: Duration) -> Vec<Duration> {
-        match &self.cached {
-            Some((p, g, plan)) if *p == price && *g == gap => plan.clone(),
-            _ => {
-                let plan = self.make_plan(price, backoff, gap);
-                self.cached = Some((price, gap, plan.clone()));
-                plan
-            }
+        self.planned(price, backoff, gap).polls.clone()
+    }
+
+    /// [`Self::plan`] and the API calls per wait it expects, cached until the next
+    /// observation.
+    fn planned(&mut self, price: Price, backoff: &Backoff, gap: Duration) -> &Plan {
+        let fresh = matches!(&self.cached, Some((p, g, _)) if *p == price && *g == gap);
+        if !fresh {
+            self.cached = Some((price, gap, self.make_plan(price, backoff, gap)));
         }
+        &self.cached.as_ref().expect("just planned").2
+    }
+
+    /// A wait that followed `plan` made `made` calls, for a transition that took
+    /// `took` (seconds, at most; somewhere in its bracket).
+    fn spent(&mut self, plan: &Plan, made: u32, took: f64, backoff: &Backoff, at: Instant) {
+        let half_life = Duration::from_secs_f64(self.half_life());
+        let s = Spending {
+            planned: plan.calls,
+            planned_fixed: plan.fixed_calls,
+            made: f64::from(made),
+            made_fixed: backoff.calls_for(took),
+        };
+        self.spent.record(s, at, half_life);
+        self.cached = None;
     }
 
     /// [`Self::plan`], not cached. `backoff` is the same for every call of one estimator.
-    fn make_plan(&self, price: Price, backoff: &Backoff, gap: Duration) -> Vec<Duration> {
+    fn make_plan(&self, price: Price, backoff: &Backoff, gap: Duration) -> Plan {
         if self.samples.len() < Self::MIN_SAMPLES {
-            return Vec::new();
+            return Plan::default();
         }
         let mut pts = self.durations();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let dp = Dp::new(&pts, gap.as_secs_f64());
         let mut best = dp.solve(price.poll_cost);
-        let limit = price.call_budget * backoff.expected_calls(&pts);
+        let fixed_calls = backoff.expected_calls(&pts);
+        let limit = price.call_budget * fixed_calls / self.spent.ratio();
         if best.calls > limit {
             // Dearer polls, fewer calls: the cheapest price within the budget, by bisection
             // (calls fall as the price rises). A budget that even one poll at the longest
@@ -376,7 +463,10 @@ impl Estimator {
                 }
             }
         }
-        best.polls
+        Plan {
+            fixed_calls,
+            ..best
+        }
     }
 }
 
@@ -392,9 +482,12 @@ pub struct Price {
 }
 
 /// A learned plan and the API calls per wait it is expected to make.
+#[derive(Debug, Clone, Default)]
 struct Plan {
     polls: Vec<Duration>,
     calls: f64,
+    /// What the fixed backoff would make on the durations the plan was made for.
+    fixed_calls: f64,
 }
 
 /// The dynamic programme behind [`Estimator::plan`], over durations sorted shortest first.
@@ -429,8 +522,8 @@ impl Dp {
         let n = self.at.len();
         if n == 0 {
             return Plan {
-                polls: Vec::new(),
                 calls: 1.0,
+                ..Plan::default()
             };
         }
         let (w0, w1) = (&self.w0, &self.w1);
@@ -464,7 +557,11 @@ impl Dp {
         }
         polls.reverse();
         polls.dedup();
-        Plan { polls, calls }
+        Plan {
+            polls,
+            calls,
+            fixed_calls: 0.0,
+        }
     }
 }
 
@@ -473,18 +570,20 @@ impl Backoff {
     /// weight; sorted shortest first), the immediate check included.
     fn expected_calls(&self, pts: &[(f64, f64)]) -> f64 {
         let total: f64 = pts.iter().map(|p| p.1).sum();
+        pts.iter().map(|&(x, w)| w * self.calls_for(x)).sum::<f64>() / total
+    }
+
+    /// API calls this backoff alone makes for a transition of `took` seconds, the
+    /// immediate check included.
+    fn calls_for(&self, took: f64) -> f64 {
         let (mut at, mut step, mut calls) = (0.0, self.initial.as_secs_f64(), 1.0);
         let max = self.max.as_secs_f64().max(1e-3);
-        let mut sum = 0.0;
-        for &(x, w) in pts {
-            while at < x && x > SHORTEST {
-                at += step;
-                step = (step * self.factor).min(max);
-                calls += 1.0;
-            }
-            sum += w * calls;
+        while at < took && took > SHORTEST {
+            at += step;
+            step = (step * self.factor).min(max);
+            calls += 1.0;
         }
-        sum / total
+        calls
     }
 }
 
@@ -649,13 +748,14 @@ impl Waits {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             &self.volume_waits
         }));
-        let plan = match self.policy.schedule {
-            Schedule::Learned(price) => {
-                self.lock(kind)
-                    .plan(price, &self.backoff, self.policy.min_gap)
-            }
-            Schedule::Fixed => Vec::new(),
+        let planned = match self.policy.schedule {
+            Schedule::Learned(price) => self
+                .lock(kind)
+                .planned(price, &self.backoff, self.policy.min_gap)
+                .clone(),
+            Schedule::Fixed => Plan::default(),
         };
+        let plan = &planned.polls;
         let mut next = if plan.is_empty() {
             Next::Backoff(self.backoff.initial)
         } else {
@@ -667,6 +767,8 @@ impl Waits {
         // once) must not teach the plan to poll later, nor a request held up on its way out
         // (the in-flight bound, the rate limiter, a shared list on the wire) to poll sooner.
         let mut not_before = Duration::ZERO;
+        // When the check about to be made was planned for (the immediate one: 0).
+        let mut planned_at = Duration::ZERO;
         let mut polls: u32 = 0;
         // Each check's due and sent times, for the debug log.
         let mut trail: Vec<(u32, u32)> = Vec::new();
@@ -685,7 +787,15 @@ impl Waits {
             match answer {
                 Ok(Some(v)) => {
                     if fresh {
-                        self.lock(kind).observe(not_before, sent, Instant::now());
+                        let mut e = self.lock(kind);
+                        let now = Instant::now();
+                        if !plan.is_empty() {
+                            // The bracket's middle: plans are dense where transitions end,
+                            // so brackets are narrow next to the fixed backoff's steps.
+                            let took = (not_before + sent).as_secs_f64() / 2.0;
+                            e.spent(&planned, polls, took, &self.backoff, now);
+                        }
+                        e.observe(not_before, sent, now);
                     }
                     break Ok(v);
                 }
@@ -699,11 +809,17 @@ impl Waits {
                 )));
             }
             let now = start.elapsed();
-            // The gap is kept between due times, as the plan was made: a request that left
-            // late (behind a shared list on the wire) must not cost the next planned poll,
-            // which the plan put one gap after this one's due time. Seen at concurrency 50:
-            // due at 209, sent at 213, the poll planned at 219 skipped for the backoff at 240.
-            let earliest = due + self.policy.min_gap;
+            // The gap is kept between the times the polls were *planned* for, as the plan
+            // was made: a check that woke a millisecond late (every timer does) or whose
+            // request left late (behind a shared list on the wire) must not cost the next
+            // planned poll, which the plan put one gap after this one. Counted from when
+            // the check actually ran, every plan point exactly one gap after the last was
+            // skipped for the backoff (debug log: plan [181, 192, 205, 215], checks at 182,
+            // 205, 232). Half a gap after the request left is still the least, so a poll
+            // held up until the next one was due does not make two in a row.
+            let earliest = (planned_at + self.policy.min_gap)
+                .saturating_sub(Duration::from_micros(1))
+                .max(sent + self.policy.min_gap / 2);
             let at = loop {
                 match next {
                     Next::Plan(i) => match plan.get(i) {
@@ -727,11 +843,12 @@ impl Waits {
                     }
                 }
             };
+            planned_at = at;
             tokio::time::sleep_until(start + at.min(now + left)).await;
         };
         if debug {
             let plan: Vec<u128> = plan.iter().map(Duration::as_millis).collect();
-            tracing::debug!(kind = kind.name(), fresh, elapsed_ms = start.elapsed().as_millis() as u64, ?plan, checks = ?trail, "wait ended");
+            tracing::debug!(kind = kind.name(), fresh, elapsed_ms = start.elapsed().as_millis() as u64, ?plan, expected_calls = planned.calls, checks = ?trail, "wait ended");
         }
         if let Some(m) = self.metrics.get() {
             let result = match &outcome {
@@ -769,6 +886,7 @@ mod tests {
                 &Backoff::default(),
                 Duration::from_millis(100),
             )
+            .polls
         }
     }
 
@@ -1205,6 +1323,38 @@ mod tests {
         assert_eq!(secs(&due), [0.0, 1.0, 1.1, 1.2, 1.3], "{due:?}");
     }
 
+    /// Timers wake late (tokio's by up to a millisecond, rounding up): a plan whose points
+    /// are one gap apart keeps every point. Counted from when each check ran, every second
+    /// point fell inside the gap and was skipped.
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_that_wakes_late_does_not_cost_the_next_planned_poll() {
+        let w = waits(learned(0.0));
+        let us = Duration::from_micros;
+        for t in [1_000_500, 1_100_500, 1_200_500, 1_300_500] {
+            w.lock(WaitKind::Attach).seen(us(t));
+        }
+        let plan = w.lock(WaitKind::Attach).priced(0.0);
+        assert_eq!(
+            plan,
+            [us(1_000_500), us(1_100_500), us(1_200_500), us(1_300_500)]
+        );
+        let start = Instant::now();
+        let mut due = Vec::new();
+        w.until(
+            WaitKind::Attach,
+            false,
+            Deadline::new(None, Duration::from_secs(60)),
+            "x",
+            || {
+                due.push(start.elapsed());
+                Box::pin(async move { Ok((start.elapsed() >= us(1_300_000)).then_some(())) })
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(secs(&due), [0.0, 1.001, 1.101, 1.201, 1.301], "{due:?}");
+    }
+
     /// Pseudo-random steady transitions (2.7–3.3 s) through the whole wait: after warming up,
     /// answered within a few percent with fewer checks than the old backoff's five.
     #[tokio::test(start_paused = true)]
@@ -1282,6 +1432,94 @@ mod tests {
             e.plan(Price::default(), &backoff, gap),
             e.plan(uncapped(DEFAULT_POLL_COST), &backoff, gap)
         );
+    }
+
+    /// The budget holds for the calls waits make against what the fixed backoff would have
+    /// made on the same transitions, not only for the plan's estimate of both: waits that
+    /// make more calls than their plans expected get plans with fewer, transitions on which
+    /// the fixed backoff would have made more than estimated allow more, and once both turn
+    /// out as estimated again the plans return.
+    #[test]
+    fn the_call_budget_holds_for_the_calls_waits_actually_make() {
+        let took: Vec<f64> = (0..32).map(|i| 2.0 + 6.0 * f64::from(i) / 31.0).collect();
+        let mut e = Estimator::default();
+        for &t in &took {
+            e.seen(Duration::from_secs_f64(t));
+        }
+        let backoff = Backoff::default();
+        let (price, gap) = (Price::default(), Duration::from_millis(100));
+        let plan = |e: &mut Estimator| e.planned(price, &backoff, gap).clone();
+        let first = plan(&mut e);
+        let at = e.samples.back().unwrap().2;
+        // A wait that made `made` × what its plan expected, on a transition for which the
+        // fixed backoff would have made `fixed` × its estimate.
+        let wait = |e: &mut Estimator, made: f64, fixed: f64, i: u64| {
+            let p = e.planned(price, &backoff, gap).clone();
+            let s = Spending {
+                planned: p.calls,
+                planned_fixed: p.fixed_calls,
+                made: p.calls * made,
+                made_fixed: p.fixed_calls * fixed,
+            };
+            e.spent.record(
+                s,
+                at + Duration::from_millis(100 * i),
+                Duration::from_secs(60),
+            );
+            e.cached = None;
+        };
+        for i in 0..10 {
+            wait(&mut e, 1.2, 1.0, i);
+        }
+        let ratio = e.spent.ratio();
+        assert!(ratio > 1.15 && ratio < 1.25, "{ratio}");
+        let fewer = plan(&mut e);
+        assert!(
+            fewer.calls * ratio <= first.fixed_calls + 1e-9,
+            "{fewer:?} × {ratio}"
+        );
+        assert!(fewer.calls < first.calls, "{fewer:?} against {first:?}");
+        // Far more than planned moves the budget by at most a third.
+        for i in 10..40 {
+            wait(&mut e, 3.0, 1.0, i);
+        }
+        assert_eq!(e.spent.ratio(), Spent::BOUNDS.1);
+        // Long after: as planned, but the fixed backoff would have made 20% more than its
+        // estimate: more calls are allowed.
+        for i in 0..40 {
+            wait(&mut e, 1.0, 1.2, 6000 + i);
+        }
+        let ratio = e.spent.ratio();
+        assert!(ratio > 0.8 && ratio < 0.85, "{ratio}");
+        let more = plan(&mut e);
+        assert!(more.calls > first.calls, "{more:?} against {first:?}");
+        assert!(
+            more.calls * ratio <= first.fixed_calls + 1e-9,
+            "{more:?} × {ratio}"
+        );
+        // And back to what was estimated on both sides.
+        for i in 0..40 {
+            wait(&mut e, 1.0, 1.0, 12000 + i);
+        }
+        assert!((e.spent.ratio() - 1.0).abs() < 0.01, "{}", e.spent.ratio());
+        assert_eq!(plan(&mut e).polls, first.polls);
+    }
+
+    /// Waits record what they spent through `until`: a steady stream of waits that each
+    /// follow a plan ends with the correction known and near 1 (the durations here are what
+    /// the estimator learnt, so plan and outcome agree).
+    #[tokio::test(start_paused = true)]
+    async fn waits_record_what_they_spent() {
+        let w = waits(Schedule::Learned(Price::default()));
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..60 {
+            let took = Duration::from_millis(rng.u64(2000..=8000));
+            wait_for(&w, WaitKind::Extend, took).await;
+        }
+        let e = w.lock(WaitKind::Extend);
+        assert!(e.spent.planned >= Spent::ENOUGH, "{:?}", e.spent);
+        let ratio = e.spent.ratio();
+        assert!((ratio - 1.0).abs() < 0.2, "{ratio} {:?}", e.spent);
     }
 
     #[test]
