@@ -756,6 +756,12 @@ impl Waits {
             Schedule::Fixed => Plan::default(),
         };
         let plan = &planned.polls;
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        let correction = if debug {
+            self.lock(kind).spent.ratio()
+        } else {
+            1.0
+        };
         let mut next = if plan.is_empty() {
             Next::Backoff(self.backoff.initial)
         } else {
@@ -772,7 +778,6 @@ impl Waits {
         let mut polls: u32 = 0;
         // Each check's due and sent times, for the debug log.
         let mut trail: Vec<(u32, u32)> = Vec::new();
-        let debug = tracing::enabled!(tracing::Level::DEBUG);
         let outcome = loop {
             let due = start.elapsed();
             polls += 1;
@@ -848,7 +853,7 @@ impl Waits {
         };
         if debug {
             let plan: Vec<u128> = plan.iter().map(Duration::as_millis).collect();
-            tracing::debug!(kind = kind.name(), fresh, elapsed_ms = start.elapsed().as_millis() as u64, ?plan, expected_calls = planned.calls, checks = ?trail, "wait ended");
+            tracing::debug!(kind = kind.name(), fresh, elapsed_ms = start.elapsed().as_millis() as u64, ?plan, expected_calls = planned.calls, fixed_calls = planned.fixed_calls, correction = correction, checks = ?trail, "wait ended");
         }
         if let Some(m) = self.metrics.get() {
             let result = match &outcome {
