@@ -5,7 +5,8 @@
 //! The learnt schedule: per kind of transition a small window of recent durations
 //! ([`Estimator`]); before each wait the poll times that minimise "expected overshoot (as a
 //! fraction of the transition) + `poll_cost` × expected polls" over that window are chosen
-//! exactly by dynamic programming ([`Estimator::plan`]). Past the last planned poll (the
+//! exactly by dynamic programming ([`Estimator::plan`]), within a call budget that is held
+//! for the calls waits actually make (`Spent`). Past the last planned poll (the
 //! cloud is slower than ever seen) a capped backoff takes over. Every poll is an ordinary
 //! API call, so it takes its turn in the client's rate limiter like any other request; while
 //! several volumes are waited for, their polls can share one `volume/list`
