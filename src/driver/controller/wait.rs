@@ -247,20 +247,19 @@ pub struct Estimator {
 /// by the two ratios.
 #[derive(Debug, Clone, Copy, Default)]
 struct Spent {
+    /// The decayed sum of every wait's [`Spending`].
+    sum: Spending,
+    /// When the last wait was recorded.
+    at: Option<Instant>,
+}
+
+/// One wait's calls, as expected and as they turned out.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spending {
     /// The plan's expected calls, and the fixed backoff's on the same learnt durations.
     planned: f64,
     planned_fixed: f64,
     /// The calls the wait made, and the fixed backoff's for the duration it bracketed.
-    made: f64,
-    made_fixed: f64,
-    at: Option<Instant>,
-}
-
-/// One wait's entry in [`Spent`].
-#[derive(Debug, Clone, Copy)]
-struct Spending {
-    planned: f64,
-    planned_fixed: f64,
     made: f64,
     made_fixed: f64,
 }
@@ -277,10 +276,15 @@ impl Spent {
             .at
             .map_or(0.0, |t| at.saturating_duration_since(t).as_secs_f64());
         let keep = 0.5f64.powf(age / half_life.as_secs_f64().max(1e-3));
-        self.planned = self.planned * keep + s.planned;
-        self.planned_fixed = self.planned_fixed * keep + s.planned_fixed;
-        self.made = self.made * keep + s.made;
-        self.made_fixed = self.made_fixed * keep + s.made_fixed;
+        let t = &mut self.sum;
+        for (sum, new) in [
+            (&mut t.planned, s.planned),
+            (&mut t.planned_fixed, s.planned_fixed),
+            (&mut t.made, s.made),
+            (&mut t.made_fixed, s.made_fixed),
+        ] {
+            *sum = *sum * keep + new;
+        }
         self.at = Some(at);
     }
 
@@ -288,10 +292,11 @@ impl Spent {
     /// made: (made / planned) × (fixed on the learnt durations / fixed as it would have
     /// made); 1 until enough is known; within [`Self::BOUNDS`].
     fn ratio(&self) -> f64 {
-        if self.planned < Self::ENOUGH || self.made_fixed <= 0.0 {
+        let t = &self.sum;
+        if t.planned < Self::ENOUGH || t.made_fixed <= 0.0 {
             return 1.0;
         }
-        let r = (self.made / self.planned) * (self.planned_fixed / self.made_fixed);
+        let r = (t.made / t.planned) * (t.planned_fixed / t.made_fixed);
         r.clamp(Self::BOUNDS.0, Self::BOUNDS.1)
     }
 }
@@ -561,7 +566,7 @@ impl Dp {
         Plan {
             polls,
             calls,
-            fixed_calls: 0.0,
+            ..Plan::default()
         }
     }
 }
@@ -749,20 +754,17 @@ impl Waits {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             &self.volume_waits
         }));
-        let planned = match self.policy.schedule {
-            Schedule::Learned(price) => self
-                .lock(kind)
-                .planned(price, &self.backoff, self.policy.min_gap)
-                .clone(),
-            Schedule::Fixed => Plan::default(),
+        // The plan, and the budget's correction it was made with (for the debug log).
+        let (planned, correction) = match self.policy.schedule {
+            Schedule::Learned(price) => {
+                let mut e = self.lock(kind);
+                let plan = e.planned(price, &self.backoff, self.policy.min_gap).clone();
+                (plan, e.spent.ratio())
+            }
+            Schedule::Fixed => (Plan::default(), 1.0),
         };
         let plan = &planned.polls;
         let debug = tracing::enabled!(tracing::Level::DEBUG);
-        let correction = if debug {
-            self.lock(kind).spent.ratio()
-        } else {
-            1.0
-        };
         let mut next = if plan.is_empty() {
             Next::Backoff(self.backoff.initial)
         } else {
@@ -953,6 +955,27 @@ mod tests {
         (start.elapsed(), n)
     }
 
+    /// When each check of a wait (that joined its transition, so teaches nothing) was made,
+    /// from the start of the wait, for a transition done `took` after it started.
+    async fn checked_at(w: &Waits, kind: WaitKind, took: Duration) -> Vec<Duration> {
+        let start = Instant::now();
+        let mut times = Vec::new();
+        w.until(
+            kind,
+            false,
+            Deadline::new(None, Duration::from_secs(60)),
+            "x",
+            || {
+                times.push(start.elapsed());
+                let done = start.elapsed() >= took;
+                async move { Ok(done.then_some(())) }
+            },
+        )
+        .await
+        .unwrap();
+        times
+    }
+
     #[tokio::test(start_paused = true)]
     async fn polls_until_ready_then_times_out() {
         let w = waits(Schedule::Fixed);
@@ -1074,21 +1097,7 @@ mod tests {
             let mut e = w.lock(WaitKind::Create);
             e.seen(Duration::from_millis(1000 + 10 * i));
         }
-        let start = Instant::now();
-        let mut times = Vec::new();
-        w.until(
-            WaitKind::Create,
-            false,
-            Deadline::new(None, Duration::from_secs(60)),
-            "x",
-            || {
-                times.push(start.elapsed());
-                let done = start.elapsed() >= Duration::from_millis(1300);
-                async move { Ok(done.then_some(())) }
-            },
-        )
-        .await
-        .unwrap();
+        let times = checked_at(&w, WaitKind::Create, Duration::from_millis(1300)).await;
         for pair in times.windows(2) {
             assert!(pair[1] - pair[0] >= Duration::from_millis(100), "{times:?}");
         }
@@ -1344,20 +1353,7 @@ mod tests {
             plan,
             [us(1_000_500), us(1_100_500), us(1_200_500), us(1_300_500)]
         );
-        let start = Instant::now();
-        let mut due = Vec::new();
-        w.until(
-            WaitKind::Attach,
-            false,
-            Deadline::new(None, Duration::from_secs(60)),
-            "x",
-            || {
-                due.push(start.elapsed());
-                Box::pin(async move { Ok((start.elapsed() >= us(1_300_000)).then_some(())) })
-            },
-        )
-        .await
-        .unwrap();
+        let due = checked_at(&w, WaitKind::Attach, us(1_300_000)).await;
         assert_eq!(secs(&due), [0.0, 1.001, 1.101, 1.201, 1.301], "{due:?}");
     }
 
@@ -1523,7 +1519,7 @@ mod tests {
             wait_for(&w, WaitKind::Extend, took).await;
         }
         let e = w.lock(WaitKind::Extend);
-        assert!(e.spent.planned >= Spent::ENOUGH, "{:?}", e.spent);
+        assert!(e.spent.sum.planned >= Spent::ENOUGH, "{:?}", e.spent);
         let ratio = e.spent.ratio();
         assert!((ratio - 1.0).abs() < 0.2, "{ratio} {:?}", e.spent);
     }
