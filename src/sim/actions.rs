@@ -39,6 +39,15 @@ fn ok(mut v: Value) -> Value {
     v
 }
 
+/// The status word `volume/list` uses: with the `list-words` quirk, `active` for what
+/// `volume/info` calls `available` or `in-use`.
+fn list_status(v: &Volume, list_words: bool) -> &'static str {
+    match v.status {
+        "available" | "in-use" if list_words => "active",
+        s => s,
+    }
+}
+
 pub fn volume_list_json(v: &Volume) -> Value {
     json!({
         "id": v.id.to_string(),
@@ -115,8 +124,87 @@ pub fn execute(
     r
 }
 
+/// The actions that took `region` before 2018 (the `old-rules` quirk), and whether each
+/// names one volume.
+const OLD_RULES: [(&str, bool); 7] = [
+    ("volume/list", false),
+    ("volume/info", true),
+    ("volume/attach", true),
+    ("volume/detach", true),
+    ("volume/extend", true),
+    ("volume/delete", true),
+    ("volume/snapshot-create", true),
+];
+
+/// The fields that hold lists (sent as objects with the `object-lists` quirk).
+const LIST_FIELDS: [&str; 4] = ["volumes", "snapshots", "images", "vms"];
+
+/// The reply's JSON text. With `object_lists`, every list field ([`LIST_FIELDS`], at any
+/// depth) is written as an object keyed `"0"`, `"1"`, … in the list's order (also in the
+/// text, where a sorted map would put `"10"` before `"2"`); an empty list is `{}`.
+pub fn reply_text(v: &Value, object_lists: bool) -> String {
+    if !object_lists {
+        return v.to_string();
+    }
+    let mut out = String::new();
+    write_json(&mut out, v);
+    out
+}
+
+fn write_json(out: &mut String, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, val)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::from(k.as_str()).to_string());
+                out.push(':');
+                match val {
+                    Value::Array(items) if LIST_FIELDS.contains(&k.as_str()) => {
+                        out.push('{');
+                        for (j, item) in items.iter().enumerate() {
+                            if j > 0 {
+                                out.push(',');
+                            }
+                            out.push_str(&format!("\"{j}\":"));
+                            write_json(out, item);
+                        }
+                        out.push('}');
+                    }
+                    _ => write_json(out, val),
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (j, item) in items.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                write_json(out, item);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 fn run(w: &mut World, now: Instant, handler: &str, p: &Params) -> Result<Value, CloudError> {
     let World { cloud: c, store } = w;
+    let quirks = c.rules.quirks;
+    if quirks.old_rules
+        && let Some((_, one_volume)) = OLD_RULES.iter().find(|(h, _)| *h == handler)
+    {
+        let volume = if *one_volume {
+            Some(p.req("volume_id")?)
+        } else {
+            None
+        };
+        c.check_old_rules(p.opt("region"), volume)?;
+    }
     match handler {
         "volume/create" => {
             let (id, source) = c.create_volume(
@@ -133,7 +221,14 @@ fn run(w: &mut World, now: Instant, handler: &str, p: &Params) -> Result<Value, 
         }
         "volume/list" => {
             let vols = c.list_volumes(p.opt("region"))?;
-            let list: Vec<Value> = vols.into_iter().map(volume_list_json).collect();
+            let list: Vec<Value> = vols
+                .into_iter()
+                .map(|v| {
+                    let mut j = volume_list_json(v);
+                    j["status"] = json!(list_status(v, quirks.list_words));
+                    j
+                })
+                .collect();
             Ok(ok(json!({ "volumes": list })))
         }
         "volume/info" => {
@@ -141,9 +236,10 @@ fn run(w: &mut World, now: Instant, handler: &str, p: &Params) -> Result<Value, 
             Ok(ok(json!({ "volume": volume_info_json(v) })))
         }
         "volume/attach" => {
-            let id = c.attach(now, p.req("volume_id")?, p.req("vm_id")?, p.req("target")?)?;
+            let (id, bus) =
+                c.attach(now, p.req("volume_id")?, p.req("vm_id")?, p.req("target")?)?;
             let ident = c.volumes[&id].identification.clone();
-            store.attach(id, &ident).map_err(backend)?;
+            store.attach(id, &ident, bus).map_err(backend)?;
             Ok(ok(json!({})))
         }
         "volume/detach" => {
@@ -250,10 +346,79 @@ fn run(w: &mut World, now: Instant, handler: &str, p: &Params) -> Result<Value, 
             Ok(ok(json!({ "images": list })))
         }
         "image/delete" => {
-            let id = c.image_delete(p.req("image_id")?)?;
-            store.delete_image(id).map_err(backend)?;
+            // An image that does not exist is "deleted" too, as on the real cloud.
+            if let Some(id) = c.image_delete(p.req("image_id")?) {
+                store.delete_image(id).map_err(backend)?;
+            }
             Ok(ok(json!({})))
         }
         _ => Err(CloudError("unknown action".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_lists_keep_their_order_in_the_text() {
+        let items: Vec<Value> = (0..12).map(|i| json!({ "id": i.to_string() })).collect();
+        let v = json!({
+            "success": "yes",
+            "volumes": items,
+            "info": { "volumes": [], "name": "x" },
+            "other": [1, 2],
+        });
+        assert_eq!(reply_text(&v, false), v.to_string());
+        let text = reply_text(&v, true);
+        let back: Value = serde_json::from_str(&text).unwrap();
+        let vols = back["volumes"].as_object().unwrap();
+        assert_eq!(vols.len(), 12);
+        for i in 0..12 {
+            assert_eq!(vols[&i.to_string()]["id"], i.to_string());
+        }
+        assert!(
+            text.find("\"2\":").unwrap() < text.find("\"10\":").unwrap(),
+            "{text}"
+        );
+        assert_eq!(back["info"]["volumes"], json!({}));
+        assert_eq!(back["other"], json!([1, 2]), "only list fields change");
+        assert_eq!(back["success"], "yes");
+        // Strings are escaped as serde_json escapes them.
+        let odd = json!({ "vms": [{ "name": "a\"b\\c\u{e9}" }] });
+        let back: Value = serde_json::from_str(&reply_text(&odd, true)).unwrap();
+        assert_eq!(back["vms"]["0"]["name"], "a\"b\\c\u{e9}");
+    }
+
+    #[test]
+    fn list_words() {
+        let mut c = Cloud::new(
+            super::super::state::Rules {
+                transitions: Default::default(),
+                refuse_delete_with_snapshots: false,
+                max_volumes_per_vm: 15,
+                auto_bus: None,
+                quirks: super::super::Quirks::NONE,
+            },
+            1,
+        );
+        let (id, _) = c
+            .create_volume(Instant::now(), "toronto", "a", "1", None, None)
+            .unwrap();
+        let v = &c.volumes[&id];
+        assert_eq!(list_status(v, false), "available");
+        assert_eq!(list_status(v, true), "active");
+        let mut v = v.clone();
+        for (s, listed) in [
+            ("in-use", "active"),
+            ("creating", "creating"),
+            ("attaching", "attaching"),
+            ("detaching", "detaching"),
+            ("error", "error"),
+        ] {
+            v.status = s;
+            assert_eq!(list_status(&v, true), listed);
+            assert_eq!(list_status(&v, false), s);
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Where volume bytes live: nowhere (`memory`) or in sparse files attached as loop devices
-//! (`loop`), with the `virtio-<serial>` link udev would make on a real VM.
+//! (`loop`), with the by-id link udev would make on a real VM for a disk on the attachment's
+//! bus (`virtio-<serial>`, `ata-QEMU_HARDDISK_<serial>` or `scsi-0QEMU_QEMU_HARDDISK_<serial>`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::Backing;
-use super::state::Source;
+use super::state::{Bus, Source};
 
 /// One GB as the cloud counts it.
 pub const GIB: u64 = 1 << 30;
@@ -30,10 +31,24 @@ pub struct Store {
     pub attached: BTreeMap<u64, Attachment>,
 }
 
-/// `virtio-` plus the first 20 characters of the identification, as udev names it.
+/// `virtio-` plus the first 20 characters of the identification, as udev names it: the
+/// link of a virtio disk ([`link_name_on`] for [`Bus::Virtio`]).
 pub fn link_name(identification: &str) -> String {
-    let serial: String = identification.chars().take(20).collect();
-    format!("virtio-{serial}")
+    link_name_on(Bus::Virtio, identification)
+}
+
+/// The `/dev/disk/by-id` name udev gives a QEMU disk on `bus` whose serial is the volume's
+/// identification (as OpenStack sets it):
+/// - virtio: `virtio-<first 20 characters>` (a virtio-blk serial is 20 bytes);
+/// - IDE/SATA: `ata-QEMU_HARDDISK_<first 20 characters>` (an ATA serial is 20 bytes);
+/// - SCSI (virtio-scsi): `scsi-0QEMU_QEMU_HARDDISK_<up to 36 characters>`.
+pub fn link_name_on(bus: Bus, identification: &str) -> String {
+    let serial = |n: usize| identification.chars().take(n).collect::<String>();
+    match bus {
+        Bus::Virtio => format!("virtio-{}", serial(20)),
+        Bus::Ide => format!("ata-QEMU_HARDDISK_{}", serial(20)),
+        Bus::Scsi => format!("scsi-0QEMU_QEMU_HARDDISK_{}", serial(36)),
+    }
 }
 
 /// Find a program on PATH (and in the sbin directories, which non-login PATHs may lack).
@@ -156,9 +171,14 @@ impl Store {
         Ok(())
     }
 
-    /// Attach the volume's file as a loop device and link `virtio-<serial>` to it.
-    /// Returns the device.
-    pub fn attach(&mut self, id: u64, identification: &str) -> Result<Option<PathBuf>, String> {
+    /// Attach the volume's file as a loop device and link the by-id name of a disk on `bus`
+    /// to it (only that one: an IDE disk has no `virtio-` link). Returns the device.
+    pub fn attach(
+        &mut self,
+        id: u64,
+        identification: &str,
+        bus: Bus,
+    ) -> Result<Option<PathBuf>, String> {
         if !self.is_loop() {
             return Ok(None);
         }
@@ -171,7 +191,7 @@ impl Store {
             &["--find".as_ref(), "--show".as_ref(), file.as_os_str()],
         )?;
         let device = PathBuf::from(dev);
-        let link = self.by_id_dir.join(link_name(identification));
+        let link = self.by_id_dir.join(link_name_on(bus, identification));
         let _ = fs::remove_file(&link);
         if let Err(e) = std::os::unix::fs::symlink(&device, &link) {
             let _ = run(&self.losetup, &["-d".as_ref(), device.as_os_str()]);
@@ -297,6 +317,25 @@ mod tests {
     }
 
     #[test]
+    fn link_names_per_bus() {
+        let id = "8b48723c-f53a-4717-9f04-fa194869db18";
+        assert_eq!(link_name_on(Bus::Virtio, id), link_name(id));
+        assert_eq!(
+            link_name_on(Bus::Ide, id),
+            "ata-QEMU_HARDDISK_8b48723c-f53a-4717-9"
+        );
+        assert_eq!(
+            link_name_on(Bus::Scsi, id),
+            "scsi-0QEMU_QEMU_HARDDISK_8b48723c-f53a-4717-9f04-fa194869db18"
+        );
+        assert_eq!(
+            link_name_on(Bus::Scsi, &format!("{id}-and-more")),
+            format!("scsi-0QEMU_QEMU_HARDDISK_{id}")
+        );
+        assert_eq!(link_name_on(Bus::Ide, "short"), "ata-QEMU_HARDDISK_short");
+    }
+
+    #[test]
     fn finds_programs() {
         assert!(find_program("sh").is_some());
         assert!(find_program("no-such-program-here").is_none());
@@ -312,7 +351,7 @@ mod tests {
         )
         .unwrap();
         s.create_volume(1, 1, &Source::Empty).unwrap();
-        assert_eq!(s.attach(1, "abc").unwrap(), None);
+        assert_eq!(s.attach(1, "abc", Bus::Ide).unwrap(), None);
         s.snapshot(1, "x").unwrap();
         s.cleanup();
         assert!(!dir.path().join("volumes").exists());

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::actions::{self, Params};
 use super::faults::FaultKind;
+use super::journal::SimRequest;
 use super::{Inner, lock, sign};
 
 /// The error text for a refused signature or credentials.
@@ -28,6 +29,7 @@ pub fn router(inner: Arc<Inner>) -> Router {
         .route("/api/{category}/{action}/", post(api))
         .route("/api/{category}/{action}", post(api))
         .route("/_sim/state", get(state))
+        .route("/_sim/requests", get(requests))
         .with_state(inner)
 }
 
@@ -58,6 +60,14 @@ async fn state(State(inner): State<Arc<Inner>>) -> Response {
     json_reply(
         StatusCode::OK,
         &serde_json::to_value(s).unwrap_or(Value::Null),
+    )
+}
+
+async fn requests(State(inner): State<Arc<Inner>>) -> Response {
+    let all = lock(&inner.journal).all();
+    json_reply(
+        StatusCode::OK,
+        &serde_json::to_value(all).unwrap_or(Value::Null),
     )
 }
 
@@ -102,6 +112,8 @@ impl Drop for InFlight<'_> {
 async fn serve_api(inner: Arc<Inner>, category: String, action: String, body: Bytes) -> Response {
     let handler = format!("{category}/{action}");
     *lock(&inner.calls).entry(handler.clone()).or_insert(0) += 1;
+    let form = parse_form(&body);
+    lock(&inner.journal).push(SimRequest::from_form(&handler, &form));
 
     let allowed = match lock(&inner.bucket).as_mut() {
         Some(b) => b.try_take(Instant::now()),
@@ -138,7 +150,7 @@ async fn serve_api(inner: Arc<Inner>, category: String, action: String, body: By
         }
         Some(FaultKind::LostReply) | None => {}
     }
-    let reply = handle(inner, &category, &action, handler, &body).await;
+    let reply = handle(inner, &category, &action, handler, &form).await;
     if fault == Some(FaultKind::LostReply) {
         return text(StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -151,14 +163,18 @@ async fn handle(
     category: &str,
     action: &str,
     handler: String,
-    body: &[u8],
+    form: &HashMap<String, String>,
 ) -> Response {
-    let form = parse_form(body);
     let (Some(req), Some(sig), Some(nonce)) =
         (form.get("req"), form.get("signature"), form.get("nonce"))
     else {
         return failure(StatusCode::OK, AUTH_ERROR);
     };
+    // The real cloud fails the signature check of a `req` with multi-byte characters even
+    // when the HMAC over its bytes is right (escaped as `\uXXXX` they pass).
+    if !req.is_ascii() {
+        return failure(StatusCode::OK, AUTH_ERROR);
+    }
     let params = match parse_req(req) {
         Some(p) => p,
         None => return failure(StatusCode::OK, "invalid request: req is not a JSON object"),
@@ -174,12 +190,18 @@ async fn handle(
     let work = inner.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut world = lock(&work.world);
-        actions::execute(&mut world, Instant::now(), &handler, &params)
+        let r = actions::execute(&mut world, Instant::now(), &handler, &params);
+        (r, world.cloud.rules.quirks.object_lists)
     })
     .await;
     match result {
-        Ok(Ok(v)) => json_reply(StatusCode::OK, &v),
-        Ok(Err(e)) => failure(StatusCode::OK, &e.0),
+        Ok((Ok(v), object_lists)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            actions::reply_text(&v, object_lists),
+        )
+            .into_response(),
+        Ok((Err(e), _)) => failure(StatusCode::OK, &e.0),
         Err(e) => {
             tracing::error!(error = %e, "sim: action panicked");
             text(StatusCode::INTERNAL_SERVER_ERROR)

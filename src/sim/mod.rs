@@ -1,15 +1,18 @@
 //! A simulator of the Luna Node API: the same wire format, signature check, JSON shapes and
 //! rules as the real cloud, with volumes kept in memory or in sparse files attached as loop
-//! devices (with the `virtio-<serial>` links udev makes on a real VM).
+//! devices (with the by-id links udev makes on a real VM for a disk on the attachment's bus).
+//! The real cloud's known and likely undocumented behaviours are played too ([`Quirks`]).
 //!
 //! Layout: [`state`] is the cloud model and its rules (pure), `actions` maps API calls onto
 //! it, `http` is the axum server (form parsing, signature, faults, rate limit), `backing` keeps
-//! the bytes, `faults` decides injected failures.
+//! the bytes, `faults` decides injected failures, `journal` records the requests received.
 
 mod actions;
 mod backing;
 mod faults;
 mod http;
+mod journal;
+mod quirks;
 mod sign;
 pub mod state;
 pub mod transitions;
@@ -22,15 +25,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use backing::link_name;
+pub use backing::{link_name, link_name_on};
 pub use faults::FaultKind;
 pub use http::{AUTH_ERROR, RATE_LIMIT_ERROR, TRANSIENT_ERROR};
+pub use journal::{JOURNAL_LIMIT, SimRequest};
+pub use quirks::Quirks;
 pub use sign::signature;
-pub use state::REGIONS;
+pub use state::{Bus, REGIONS};
 pub use transitions::{Span, TransitionItem, TransitionKind, TransitionRecord, Transitions};
 
 use backing::Store;
 use faults::{Faults, TokenBucket};
+use journal::Journal;
 use state::{Cloud, Rules};
 
 /// Where simulated volumes keep their bytes.
@@ -53,24 +59,55 @@ pub struct VmSpec {
 impl std::str::FromStr for VmSpec {
     type Err = String;
 
-    /// `REGION` or `REGION:NAME`.
+    /// `REGION` or `REGION:NAME` (a bus is given with [`VmArg`]).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (region, name) = match s.split_once(':') {
-            Some((r, n)) => (r.trim(), Some(n.trim())),
-            None => (s.trim(), None),
-        };
+        let a: VmArg = s.parse()?;
+        match a.bus {
+            None => Ok(a.spec),
+            Some(_) => Err(format!(
+                "a bus cannot be given here in {s:?} (use REGION or REGION:NAME)"
+            )),
+        }
+    }
+}
+
+/// A `--vm` value: `REGION`, `REGION:NAME`, `REGION:NAME:BUS` or `REGION::BUS`, where BUS
+/// (`ide`, `virtio` or `scsi`) is the bus of the VM's disks, where `target=auto` attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmArg {
+    pub spec: VmSpec,
+    pub bus: Option<Bus>,
+}
+
+impl std::str::FromStr for VmArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.splitn(3, ':').map(str::trim);
+        let region = parts.next().unwrap_or_default();
+        let name = parts.next();
+        let bus = parts.next();
         if !REGIONS.contains(&region) {
             return Err(format!(
                 "unknown region {region:?} in --vm {s:?} (known: {})",
                 REGIONS.join(", ")
             ));
         }
-        if name.is_some_and(str::is_empty) {
-            return Err(format!("empty VM name in --vm {s:?}"));
-        }
-        Ok(VmSpec {
-            region: region.to_string(),
-            name: name.map(str::to_string),
+        let bus = match bus {
+            None => None,
+            Some(b) => Some(b.parse::<Bus>().map_err(|e| format!("{e} in --vm {s:?}"))?),
+        };
+        let name = match name {
+            Some("") if bus.is_some() => None,
+            Some("") => return Err(format!("empty VM name in --vm {s:?}")),
+            n => n,
+        };
+        Ok(VmArg {
+            spec: VmSpec {
+                region: region.to_string(),
+                name: name.map(str::to_string),
+            },
+            bus,
         })
     }
 }
@@ -86,6 +123,14 @@ pub struct SimConfig {
     pub state_dir: PathBuf,
     pub by_id_dir: PathBuf,
     pub vms: Vec<VmSpec>,
+    /// The bus of `vms[i]`'s disks, where `target=auto` attaches (kept apart from [`VmSpec`]
+    /// so that its literals stay valid); missing or `None`: [`SimConfig::default_bus`].
+    pub vm_buses: Vec<Option<Bus>>,
+    /// The bus of VMs created without one (`None`: IDE with the `ide-auto` quirk, else
+    /// virtio). Overrides the `ide-auto` quirk.
+    pub auto_bus: Option<Bus>,
+    /// The real cloud's undocumented behaviours to play (default: [`Quirks::LIKELY`]).
+    pub quirks: Quirks,
     pub latency: Duration,
     /// How long status transitions take, per kind.
     pub transition: Transitions,
@@ -97,7 +142,8 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     /// Loopback on a free port, memory backing, a temporary state dir, one VM in toronto,
-    /// no latency, no transitions, no faults, seed 1.
+    /// the likely quirks (so `target=auto` attaches on IDE), no latency, no transitions, no
+    /// faults, seed 1.
     fn default() -> Self {
         SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -108,6 +154,9 @@ impl Default for SimConfig {
                 region: "toronto".into(),
                 name: None,
             }],
+            vm_buses: Vec::new(),
+            auto_bus: None,
+            quirks: Quirks::default(),
             latency: Duration::ZERO,
             transition: Transitions::default(),
             fault_rate: 0.0,
@@ -118,12 +167,32 @@ impl Default for SimConfig {
     }
 }
 
+impl SimConfig {
+    /// The bus of VMs created without one: `auto_bus`, else IDE with the `ide-auto` quirk,
+    /// else virtio.
+    pub fn default_bus(&self) -> Bus {
+        self.rules().default_bus()
+    }
+
+    fn rules(&self) -> Rules {
+        Rules {
+            transitions: self.transition,
+            refuse_delete_with_snapshots: self.refuse_delete_with_snapshots,
+            max_volumes_per_vm: state::MAX_VOLUMES_PER_VM,
+            auto_bus: self.auto_bus,
+            quirks: self.quirks,
+        }
+    }
+}
+
 /// A VM as the simulator created it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SimVm {
     pub id: String,
     pub name: String,
     pub region: String,
+    /// The bus of the VM's own disks: where `target=auto` attaches.
+    pub bus: Bus,
 }
 
 /// A volume, as [`SimHandle::state`] shows it.
@@ -137,10 +206,13 @@ pub struct SimVolume {
     pub status: String,
     /// The VM it is attached to (as `volume/info` reports it).
     pub attached: Option<String>,
+    /// The bus of its attachment (`virtio`, `ide` or `scsi`) while attached, attaching or
+    /// detaching.
+    pub bus: Option<String>,
     pub created: String,
     /// Loop backing: the loop device while attached.
     pub device: Option<String>,
-    /// Loop backing: the by-id link while attached.
+    /// Loop backing: the by-id link while attached (named for the bus: see [`link_name_on`]).
     pub link: Option<String>,
 }
 
@@ -223,6 +295,8 @@ pub(crate) struct Inner {
     pub(crate) faults: Mutex<Faults>,
     pub(crate) bucket: Mutex<Option<TokenBucket>>,
     pub(crate) calls: Mutex<BTreeMap<String, u64>>,
+    /// Every API request received (the last [`JOURNAL_LIMIT`]).
+    pub(crate) journal: Mutex<Journal>,
     pub(crate) latency: Mutex<Duration>,
     /// Total time spent in the API handler, in nanoseconds.
     pub(crate) api_nanos: std::sync::atomic::AtomicU64,
@@ -258,6 +332,7 @@ impl Inner {
                     region: v.region.clone(),
                     status: v.status.to_string(),
                     attached: Some(v.attached().to_string()).filter(|s| !s.is_empty()),
+                    bus: v.bus.map(|b| b.to_string()),
                     created: v.created.clone(),
                     device: a.map(|a| a.device.display().to_string()),
                     link: a.map(|a| a.link.display().to_string()),
@@ -294,6 +369,7 @@ impl Inner {
                 id: v.id.clone(),
                 name: v.name.clone(),
                 region: v.region.clone(),
+                bus: v.auto_bus,
             })
             .collect();
         SimState {
@@ -345,19 +421,13 @@ impl SimHandle {
         let mut rng = fastrand::Rng::with_seed(cfg.seed);
         let api_id = sign::random_token(&mut rng, 16);
         let api_key = sign::random_token(&mut rng, 128);
-        let mut cloud = Cloud::new(
-            Rules {
-                transitions: cfg.transition,
-                refuse_delete_with_snapshots: cfg.refuse_delete_with_snapshots,
-                max_volumes_per_vm: state::MAX_VOLUMES_PER_VM,
-            },
-            cfg.seed,
-        );
+        let mut cloud = Cloud::new(cfg.rules(), cfg.seed);
         let mut vms = Vec::new();
-        for spec in &cfg.vms {
+        for (i, spec) in cfg.vms.iter().enumerate() {
+            let bus = cfg.vm_buses.get(i).copied().flatten();
             vms.push(
                 cloud
-                    .add_vm(&spec.region, spec.name.as_deref())
+                    .add_vm_on(&spec.region, spec.name.as_deref(), bus)
                     .map_err(|e| err(e.0))?,
             );
         }
@@ -409,6 +479,7 @@ impl SimHandle {
                     .map(|q| TokenBucket::new(q, Instant::now())),
             ),
             calls: Mutex::new(BTreeMap::new()),
+            journal: Mutex::new(Journal::default()),
             latency: Mutex::new(cfg.latency),
             api_nanos: std::sync::atomic::AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -433,7 +504,7 @@ impl SimHandle {
                 tracing::error!(error = %e, "sim: server failed");
             }
         });
-        tracing::info!(%addr, backing = ?cfg.backing, state_dir = %state_dir.display(), "simulator listening");
+        tracing::info!(%addr, backing = ?cfg.backing, quirks = %cfg.quirks, state_dir = %state_dir.display(), "simulator listening");
         Ok(SimHandle {
             url: format!("http://{addr}/api/"),
             api_id,
@@ -531,6 +602,31 @@ impl SimHandle {
         )
     }
 
+    /// Every API request received since the start or the last
+    /// [`SimHandle::clear_requests`] (the last [`JOURNAL_LIMIT`]), oldest first: handler,
+    /// whether `req` was ASCII, and its parameters without credentials. Also served as
+    /// `GET /_sim/requests`. Not cleared by [`SimHandle::reset_counters`].
+    pub fn requests(&self) -> Vec<SimRequest> {
+        lock(&self.inner.journal).all()
+    }
+
+    /// Empty the request journal.
+    pub fn clear_requests(&self) {
+        lock(&self.inner.journal).clear();
+    }
+
+    /// The quirks being played.
+    pub fn quirks(&self) -> Quirks {
+        lock(&self.inner.world).cloud.rules.quirks
+    }
+
+    /// Change the quirks played from now on. `ide-auto` decides the bus of VMs created
+    /// afterwards without one (unless the configuration named an `auto_bus`); the others
+    /// apply to the next request.
+    pub fn set_quirks(&self, q: Quirks) {
+        lock(&self.inner.world).cloud.rules.quirks = q;
+    }
+
     /// Requests per `category/action` since the start or the last reset, without copying
     /// the rest of the state.
     pub fn calls(&self) -> BTreeMap<String, u64> {
@@ -579,11 +675,19 @@ impl SimHandle {
         lock(&self.inner.world).cloud.log.take()
     }
 
-    /// Create another VM.
+    /// Create another VM, on the default bus (see [`SimConfig::default_bus`]).
     pub fn add_vm(&self, region: &str, name: Option<&str>) -> Result<SimVm, SimError> {
         lock(&self.inner.world)
             .cloud
             .add_vm(region, name)
+            .map_err(|e| SimError::Other(e.0))
+    }
+
+    /// Create another VM whose disks are on `bus` (where `target=auto` attaches).
+    pub fn add_vm_on(&self, region: &str, name: Option<&str>, bus: Bus) -> Result<SimVm, SimError> {
+        lock(&self.inner.world)
+            .cloud
+            .add_vm_on(region, name, Some(bus))
             .map_err(|e| SimError::Other(e.0))
     }
 }
@@ -639,12 +743,44 @@ pub struct SimArgs {
     /// removed at exit).
     #[arg(long, env = "LUNANODE_SIM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Directory for the `virtio-<serial>` links (default: `{state-dir}/by-id`).
+    /// Directory for the by-id links of attached volumes (`virtio-<serial>`,
+    /// `ata-QEMU_HARDDISK_<serial>` or `scsi-0QEMU_QEMU_HARDDISK_<serial>` by the bus)
+    /// (default: `{state-dir}/by-id`).
     #[arg(long, env = "LUNANODE_SIM_BY_ID_DIR")]
     pub by_id_dir: Option<PathBuf>,
-    /// A VM to create, `REGION` or `REGION:NAME` (repeatable; default: one in toronto).
-    #[arg(long = "vm", env = "LUNANODE_SIM_VMS", value_delimiter = ',')]
-    pub vms: Vec<VmSpec>,
+    /// A VM to create, `REGION[:NAME[:BUS]]` (`REGION::BUS` for no name), BUS being `ide`,
+    /// `virtio` or `scsi`: the bus of the VM's disks, where `volume/attach` with
+    /// `target=auto` attaches (default: --auto-bus). Repeatable; default: one in toronto.
+    #[arg(
+        long = "vm",
+        env = "LUNANODE_SIM_VMS",
+        value_delimiter = ',',
+        value_name = "REGION[:NAME[:BUS]]"
+    )]
+    pub vms: Vec<VmArg>,
+    /// The bus of VMs that do not name one in --vm (`ide`, `virtio` or `scsi`): where
+    /// `target=auto` attaches on them. Default: `ide` with the `ide-auto` quirk (on by
+    /// default: VMs are created with IDE disks unless made with `volume_virtio`), else
+    /// `virtio`.
+    #[arg(long, env = "LUNANODE_SIM_AUTO_BUS", value_name = "BUS")]
+    pub auto_bus: Option<Bus>,
+    /// The real cloud's undocumented behaviours to play, comma-separated, applied left to
+    /// right: `ide-auto` (VMs without a bus attach `target=auto` on IDE: no `virtio-` link;
+    /// like --auto-bus ide), `list-words` (`volume/list` says `active` where `volume/info`
+    /// says `available` or `in-use`), `old-rules` (`volume/list`, `info`, `attach`,
+    /// `detach`, `extend`, `delete` and `snapshot-create` answer `region not set` without
+    /// `region`, and refuse a region the volume is not in), `object-lists` (the `volumes`,
+    /// `snapshots`, `images` and `vms` lists come as objects keyed "0", "1", …); `likely`
+    /// (= ide-auto,list-words: the likeliest real behaviour), `none`, `all`, and `no-NAME`
+    /// to turn one off. Always on: a `req` with non-ASCII bytes fails the signature check,
+    /// and `image/delete` of a missing image succeeds.
+    #[arg(
+        long,
+        env = "LUNANODE_SIM_QUIRKS",
+        default_value = "likely",
+        value_name = "LIST"
+    )]
+    pub quirks: Quirks,
     /// Latency added to every request, in milliseconds.
     #[arg(long, env = "LUNANODE_SIM_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
@@ -696,10 +832,10 @@ fn parse_qps(s: &str) -> Result<f64, String> {
 impl SimArgs {
     /// The configuration these arguments describe.
     pub fn config(&self) -> SimConfig {
-        let vms = if self.vms.is_empty() {
-            SimConfig::default().vms
+        let (vms, vm_buses) = if self.vms.is_empty() {
+            (SimConfig::default().vms, Vec::new())
         } else {
-            self.vms.clone()
+            self.vms.iter().map(|a| (a.spec.clone(), a.bus)).unzip()
         };
         SimConfig {
             listen: self.listen,
@@ -707,6 +843,9 @@ impl SimArgs {
             state_dir: self.state_dir.clone().unwrap_or_default(),
             by_id_dir: self.by_id_dir.clone().unwrap_or_default(),
             vms,
+            vm_buses,
+            auto_bus: self.auto_bus,
+            quirks: self.quirks,
             latency: Duration::from_millis(self.latency_ms),
             transition: Transitions::from_items(&self.transition_ms),
             fault_rate: self.fault_rate,
@@ -724,6 +863,7 @@ pub fn startup_line(h: &SimHandle) -> String {
         "api_id": h.api_id,
         "api_key": h.api_key,
         "backing": h.backing,
+        "quirks": h.quirks().to_string(),
         "vms": h.vms,
         "by_id_dir": h.by_id_dir,
         "state_dir": h.state_dir,
@@ -766,6 +906,82 @@ mod tests {
         assert_eq!(v.name.as_deref(), Some("node-1"));
         assert!("paris".parse::<VmSpec>().is_err());
         assert!("toronto:".parse::<VmSpec>().is_err());
+        assert!("toronto:a:ide".parse::<VmSpec>().is_err());
+    }
+
+    #[test]
+    fn vm_args_take_a_bus() {
+        let a: VmArg = "toronto".parse().unwrap();
+        assert_eq!(
+            (a.spec.region.as_str(), a.spec.name, a.bus),
+            ("toronto", None, None)
+        );
+        let a: VmArg = "montreal:n1".parse().unwrap();
+        assert_eq!((a.spec.name.as_deref(), a.bus), (Some("n1"), None));
+        let a: VmArg = "montreal:n1:virtio".parse().unwrap();
+        assert_eq!(
+            (a.spec.name.as_deref(), a.bus),
+            (Some("n1"), Some(Bus::Virtio))
+        );
+        let a: VmArg = "roubaix::IDE".parse().unwrap();
+        assert_eq!((a.spec.name, a.bus), (None, Some(Bus::Ide)));
+        let a: VmArg = "roubaix:x:scsi".parse().unwrap();
+        assert_eq!(a.bus, Some(Bus::Scsi));
+        for bad in [
+            "mars:a:ide",
+            "toronto:a:floppy",
+            "toronto:",
+            "toronto::",
+            "toronto:a:",
+        ] {
+            assert!(bad.parse::<VmArg>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn vms_get_their_bus() {
+        let h = SimHandle::start(SimConfig {
+            vms: ["toronto", "toronto", "montreal", "roubaix"]
+                .map(|r| VmSpec {
+                    region: r.into(),
+                    name: None,
+                })
+                .to_vec(),
+            vm_buses: vec![None, Some(Bus::Virtio), Some(Bus::Scsi)],
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let buses: Vec<Bus> = h.vms.iter().map(|v| v.bus).collect();
+        assert_eq!(buses, [Bus::Ide, Bus::Virtio, Bus::Scsi, Bus::Ide]);
+        assert_eq!(h.state().vms[1].bus, Bus::Virtio);
+        assert_eq!(h.add_vm("toronto", None).unwrap().bus, Bus::Ide);
+        assert_eq!(
+            h.add_vm_on("toronto", None, Bus::Virtio).unwrap().bus,
+            Bus::Virtio
+        );
+        h.set_quirks(Quirks::NONE);
+        assert_eq!(h.quirks(), Quirks::NONE);
+        assert_eq!(h.add_vm("toronto", None).unwrap().bus, Bus::Virtio);
+        let line: serde_json::Value = serde_json::from_str(&startup_line(&h)).unwrap();
+        assert_eq!(line["quirks"], "none");
+        assert_eq!(line["vms"][0]["bus"], "ide");
+        h.shutdown().await;
+
+        let cfg = SimConfig {
+            auto_bus: Some(Bus::Virtio),
+            ..SimConfig::default()
+        };
+        assert_eq!(cfg.default_bus(), Bus::Virtio);
+        let h = SimHandle::start(cfg).await.unwrap();
+        assert_eq!(h.vms[0].bus, Bus::Virtio);
+        h.shutdown().await;
+        let cfg = SimConfig {
+            quirks: Quirks::NONE,
+            ..SimConfig::default()
+        };
+        assert_eq!(cfg.default_bus(), Bus::Virtio);
+        assert_eq!(SimConfig::default().default_bus(), Bus::Ide);
     }
 
     #[test]
@@ -808,6 +1024,56 @@ mod tests {
         assert!(T::try_parse_from(["x", "--fault-rate", "2"]).is_err());
         assert!(T::try_parse_from(["x", "--vm", "mars"]).is_err());
         assert!(T::try_parse_from(["x", "--rate-limit-qps", "0"]).is_err());
+    }
+
+    #[test]
+    fn args_parse_quirks_and_buses() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: SimArgs,
+        }
+        use clap::Parser;
+        let c = T::try_parse_from(["x"]).unwrap().a.config();
+        assert_eq!(c.quirks, Quirks::LIKELY);
+        assert_eq!((c.auto_bus, c.vm_buses.clone()), (None, vec![]));
+        assert_eq!(c.default_bus(), Bus::Ide);
+        let c = T::try_parse_from([
+            "x",
+            "--quirks",
+            "none,object-lists,old-rules",
+            "--auto-bus",
+            "virtio",
+            "--vm",
+            "toronto:a:ide",
+            "--vm",
+            "montreal:b",
+            "--vm",
+            "roubaix::scsi",
+        ])
+        .unwrap()
+        .a
+        .config();
+        assert_eq!(
+            c.quirks,
+            Quirks {
+                old_rules: true,
+                object_lists: true,
+                ..Quirks::NONE
+            }
+        );
+        assert_eq!(c.auto_bus, Some(Bus::Virtio));
+        assert_eq!(c.vms.len(), 3);
+        assert_eq!(c.vms[1].name.as_deref(), Some("b"));
+        assert_eq!(c.vm_buses, [Some(Bus::Ide), None, Some(Bus::Scsi)]);
+        let c = T::try_parse_from(["x", "--vm", "toronto:a:virtio,montreal"])
+            .unwrap()
+            .a
+            .config();
+        assert_eq!(c.vm_buses, [Some(Bus::Virtio), None]);
+        assert!(T::try_parse_from(["x", "--quirks", "floppy"]).is_err());
+        assert!(T::try_parse_from(["x", "--auto-bus", "floppy"]).is_err());
+        assert!(T::try_parse_from(["x", "--vm", "toronto:a:floppy"]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime};
 
 use super::SimVm;
+use super::quirks::Quirks;
 use super::transitions::{TransitionKind, TransitionLog, TransitionRecord, Transitions};
 
 /// The regions the cloud has.
@@ -30,6 +31,79 @@ impl CloudError {
 }
 
 type Res<T> = Result<T, CloudError>;
+
+/// The bus a volume is attached on, which decides the name udev gives its disk on the VM
+/// (see [`crate::sim::link_name_on`]). `volume/attach`'s `target` picks it: `/dev/vdX` is
+/// virtio, `/dev/hdX` IDE, `/dev/sdX` SCSI (virtio-scsi), and `auto` the VM's own bus.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    /// virtio-blk: `/dev/vdX`, `virtio-<serial>`.
+    Virtio,
+    /// IDE/SATA: `/dev/hdX`, `ata-QEMU_HARDDISK_<serial>`.
+    Ide,
+    /// virtio-scsi: `/dev/sdX`, `scsi-0QEMU_QEMU_HARDDISK_<serial>`.
+    Scsi,
+}
+
+impl Bus {
+    pub const ALL: [Bus; 3] = [Bus::Virtio, Bus::Ide, Bus::Scsi];
+
+    /// `virtio`, `ide` or `scsi`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bus::Virtio => "virtio",
+            Bus::Ide => "ide",
+            Bus::Scsi => "scsi",
+        }
+    }
+
+    /// The bus a device target names (`/dev/vdb` → virtio, `/dev/hda` → IDE, `/dev/sdc` →
+    /// SCSI); `None` for anything else (`auto` included).
+    pub fn of_target(target: &str) -> Option<Bus> {
+        let t = target.as_bytes();
+        if t.len() != 8 || !t[7].is_ascii_lowercase() {
+            return None;
+        }
+        match &t[..7] {
+            b"/dev/vd" => Some(Bus::Virtio),
+            b"/dev/hd" => Some(Bus::Ide),
+            b"/dev/sd" => Some(Bus::Scsi),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Bus {
+    type Err = String;
+
+    /// `virtio`, `ide` or `scsi` (any case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        Bus::ALL
+            .into_iter()
+            .find(|b| b.as_str().eq_ignore_ascii_case(t))
+            .ok_or_else(|| format!("unknown bus {s:?} (known: virtio, ide, scsi)"))
+    }
+}
 
 /// Where a new volume's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +130,8 @@ pub struct Volume {
     pub status: &'static str,
     /// The VM the volume is attached to (or being attached to / detached from).
     pub vm: Option<String>,
+    /// The bus of that attachment.
+    pub bus: Option<Bus>,
     pub created: String,
     pending: Option<Pending>,
 }
@@ -100,6 +176,8 @@ pub struct Vm {
     pub name: String,
     pub region: String,
     pub index: usize,
+    /// The bus of the VM's own disks: where `target=auto` attaches.
+    pub auto_bus: Bus,
 }
 
 impl Vm {
@@ -123,6 +201,22 @@ pub struct Rules {
     pub refuse_delete_with_snapshots: bool,
     /// Volumes one VM can have attached (virtio slots minus the boot disk).
     pub max_volumes_per_vm: usize,
+    /// The bus of VMs created without one (`None`: IDE with the `ide-auto` quirk, else
+    /// virtio).
+    pub auto_bus: Option<Bus>,
+    /// The real cloud's undocumented behaviours to play.
+    pub quirks: Quirks,
+}
+
+impl Rules {
+    /// The bus of a VM created without one.
+    pub fn default_bus(&self) -> Bus {
+        self.auto_bus.unwrap_or(if self.quirks.ide_auto {
+            Bus::Ide
+        } else {
+            Bus::Virtio
+        })
+    }
 }
 
 /// The default per-VM attachment limit; the node plugin reports the same number.
@@ -234,9 +328,15 @@ impl Cloud {
         uuid::Builder::from_random_bytes(b).into_uuid().to_string()
     }
 
-    /// Add a VM. Region must be known.
+    /// Add a VM on the default bus ([`Rules::default_bus`]). Region must be known.
     pub fn add_vm(&mut self, region: &str, name: Option<&str>) -> Res<SimVm> {
+        self.add_vm_on(region, name, None)
+    }
+
+    /// Add a VM whose disks are on `bus` (`None`: [`Rules::default_bus`]).
+    pub fn add_vm_on(&mut self, region: &str, name: Option<&str>, bus: Option<Bus>) -> Res<SimVm> {
         check_region(region)?;
+        let auto_bus = bus.unwrap_or_else(|| self.rules.default_bus());
         let index = self.vms.len() + 1;
         let name = name
             .map(str::to_string)
@@ -247,11 +347,13 @@ impl Cloud {
             name: name.clone(),
             region: region.to_string(),
             index,
+            auto_bus,
         });
         Ok(SimVm {
             id,
             name,
             region: region.to_string(),
+            bus: auto_bus,
         })
     }
 
@@ -289,6 +391,7 @@ impl Cloud {
                 v.pending = None;
                 if p.to == "available" {
                     v.vm = None;
+                    v.bus = None;
                 }
             }
         }
@@ -329,6 +432,7 @@ impl Cloud {
             v.pending = None;
             if to == "available" {
                 v.vm = None;
+                v.bus = None;
             }
         }
     }
@@ -473,6 +577,7 @@ impl Cloud {
                     status
                 },
                 vm: None,
+                bus: None,
                 created: rfc3339(SystemTime::now()),
                 pending,
             },
@@ -492,8 +597,15 @@ impl Cloud {
             .collect())
     }
 
-    /// `volume/attach`. Returns the volume's ID.
-    pub fn attach(&mut self, now: Instant, volume_id: &str, vm_id: &str, target: &str) -> Res<u64> {
+    /// `volume/attach`. Returns the volume's ID and the bus it is attached on: the one
+    /// `target` names, or for `auto` the VM's own.
+    pub fn attach(
+        &mut self,
+        now: Instant,
+        volume_id: &str,
+        vm_id: &str,
+        target: &str,
+    ) -> Res<(u64, Bus)> {
         let v = self.volume(volume_id)?;
         let id = v.id;
         let vm = self.vm(vm_id)?;
@@ -515,16 +627,16 @@ impl Cloud {
             )));
         }
         let t = target.trim();
-        let target_ok = t == "auto"
-            || ((t.starts_with("/dev/vd") || t.starts_with("/dev/hd") || t.starts_with("/dev/sd"))
-                && t.len() == 8
-                && t.as_bytes()[7].is_ascii_lowercase());
-        if !target_ok {
-            return Err(CloudError::new(format!(
-                "invalid target {}: use auto or a device such as /dev/vdb",
-                show(t)
-            )));
-        }
+        let bus = if t == "auto" {
+            vm.auto_bus
+        } else {
+            Bus::of_target(t).ok_or_else(|| {
+                CloudError::new(format!(
+                    "invalid target {}: use auto or a device such as /dev/vdb",
+                    show(t)
+                ))
+            })?
+        };
         let vm_id = vm.id.clone();
         let attached = self
             .volumes
@@ -537,9 +649,11 @@ impl Cloud {
                 self.rules.max_volumes_per_vm
             )));
         }
-        self.volumes.get_mut(&id).expect("volume exists").vm = Some(vm_id);
+        let v = self.volumes.get_mut(&id).expect("volume exists");
+        v.vm = Some(vm_id);
+        v.bus = Some(bus);
         self.transition(now, TransitionKind::Attach, id, "attaching", "in-use");
-        Ok(id)
+        Ok((id, bus))
     }
 
     /// `volume/detach`. Returns the volume's ID.
@@ -734,11 +848,31 @@ impl Cloud {
             .collect())
     }
 
-    /// `image/delete`.
-    pub fn image_delete(&mut self, image_id: &str) -> Res<u64> {
-        let id = self.image(image_id)?.id;
+    /// `image/delete`: the deleted image's ID, or `None` when there was no such image (the
+    /// real cloud answers `success: yes` for that too).
+    pub fn image_delete(&mut self, image_id: &str) -> Option<u64> {
+        let id = self.image(image_id).ok()?.id;
         self.images.remove(&id);
-        Ok(id)
+        Some(id)
+    }
+
+    /// Under the `old-rules` quirk: the region a volume action has to carry, and for an
+    /// action on one volume, that it is the volume's.
+    pub fn check_old_rules(&self, region: Option<&str>, volume_id: Option<&str>) -> Res<()> {
+        let Some(region) = region.filter(|r| !r.is_empty()) else {
+            return Err(CloudError::new("region not set"));
+        };
+        check_region(region)?;
+        if let Some(vid) = volume_id {
+            let v = self.volume(vid)?;
+            if v.region != region {
+                return Err(CloudError::new(format!(
+                    "invalid volume: volume {} not found in region {region}",
+                    v.id
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -755,6 +889,8 @@ mod tests {
                 transitions: Duration::from_millis(transition_ms).into(),
                 refuse_delete_with_snapshots: refuse,
                 max_volumes_per_vm: 2,
+                auto_bus: None,
+                quirks: Quirks::NONE,
             },
             7,
         );
@@ -850,7 +986,7 @@ mod tests {
             c.snapshot_replicate(n, "toronto", "nope", "i", "montreal"),
             K::NotFound,
         );
-        err(c.image_delete("5"), K::NotFound);
+        assert_eq!(c.image_delete("5"), None);
         err(
             c.create_volume(n, "toronto", "a", "1", Some("5"), None),
             K::NotFound,
@@ -917,6 +1053,102 @@ mod tests {
         let msg = err(c.detach(n, &ids), K::State);
         assert_eq!(msg, format!("volume {id} is not attached"));
         c.attach(n, &ids, &t, "/dev/vdc").unwrap();
+    }
+
+    #[test]
+    fn the_target_or_the_vm_picks_the_bus() {
+        let (mut c, virtio_vm, _) = cloud(0, false);
+        c.rules.max_volumes_per_vm = 15;
+        assert_eq!(c.vms[0].auto_bus, Bus::Virtio, "no quirks: virtio");
+        let ide_vm = c.add_vm_on("toronto", Some("old"), Some(Bus::Ide)).unwrap();
+        assert_eq!(ide_vm.bus, Bus::Ide);
+        c.rules.quirks.ide_auto = true;
+        assert_eq!(c.add_vm("toronto", None).unwrap().bus, Bus::Ide);
+        c.rules.auto_bus = Some(Bus::Virtio);
+        assert_eq!(c.add_vm("toronto", None).unwrap().bus, Bus::Virtio);
+        let n = now();
+        let mut attach = |vm: &str, target: &str| {
+            let (id, _) = c.create_volume(n, "toronto", "a", "1", None, None).unwrap();
+            let (got, bus) = c.attach(n, &id.to_string(), vm, target).unwrap();
+            assert_eq!(got, id);
+            assert_eq!(c.volumes[&id].bus, Some(bus));
+            bus
+        };
+        assert_eq!(attach(&ide_vm.id, "auto"), Bus::Ide);
+        assert_eq!(attach(&virtio_vm, "auto"), Bus::Virtio);
+        for vm in [&ide_vm.id, &virtio_vm] {
+            assert_eq!(attach(vm, "/dev/vda"), Bus::Virtio);
+            assert_eq!(attach(vm, " /dev/hdb "), Bus::Ide);
+            assert_eq!(attach(vm, "/dev/sdb"), Bus::Scsi);
+        }
+        for bad in ["/dev/xda", "/dev/vd1", "/dev/vdaa", "vda", ""] {
+            let (id, _) = c.create_volume(n, "toronto", "a", "1", None, None).unwrap();
+            err(c.attach(n, &id.to_string(), &virtio_vm, bad), K::Invalid);
+            assert_eq!(c.volumes[&id].bus, None);
+        }
+        // Detach forgets the bus (also after a transition).
+        let id = c.volumes.values().find(|v| v.bus.is_some()).unwrap().id;
+        c.detach(n, &id.to_string()).unwrap();
+        assert_eq!(
+            (c.volumes[&id].vm.clone(), c.volumes[&id].bus),
+            (None, None)
+        );
+        c.rules.transitions = Duration::from_millis(10).into();
+        let (id, _) = c.create_volume(n, "toronto", "a", "1", None, None).unwrap();
+        c.settle(n + Duration::from_millis(10));
+        let ids = id.to_string();
+        c.attach(n + Duration::from_millis(10), &ids, &ide_vm.id, "auto")
+            .unwrap();
+        assert_eq!(
+            c.volumes[&id].bus,
+            Some(Bus::Ide),
+            "attaching keeps its bus"
+        );
+        c.settle(n + Duration::from_millis(20));
+        c.detach(n + Duration::from_millis(20), &ids).unwrap();
+        assert_eq!(
+            c.volumes[&id].bus,
+            Some(Bus::Ide),
+            "detaching keeps its bus"
+        );
+        c.settle(n + Duration::from_millis(30));
+        assert_eq!(c.volumes[&id].bus, None);
+    }
+
+    #[test]
+    fn buses_parse_and_show() {
+        for b in Bus::ALL {
+            assert_eq!(b.as_str().parse::<Bus>().unwrap(), b);
+            assert_eq!(b.to_string(), b.as_str());
+            assert_eq!(
+                serde_json::to_string(&b).unwrap(),
+                format!("\"{}\"", b.as_str())
+            );
+        }
+        assert_eq!("IDE".parse::<Bus>().unwrap(), Bus::Ide);
+        assert!("floppy".parse::<Bus>().is_err());
+        assert_eq!(Bus::of_target("/dev/vdz"), Some(Bus::Virtio));
+        assert_eq!(Bus::of_target("auto"), None);
+    }
+
+    #[test]
+    fn old_rules_need_the_volumes_region() {
+        let (mut c, _, _) = cloud(0, false);
+        let (id, _) = c
+            .create_volume(now(), "montreal", "a", "1", None, None)
+            .unwrap();
+        let ids = id.to_string();
+        for region in [None, Some("")] {
+            let m = err(c.check_old_rules(region, Some(&ids)), K::Invalid);
+            assert_eq!(m, "region not set");
+            err(c.check_old_rules(region, None), K::Invalid);
+        }
+        c.check_old_rules(Some("montreal"), Some(&ids)).unwrap();
+        c.check_old_rules(Some("toronto"), None).unwrap();
+        let m = err(c.check_old_rules(Some("toronto"), Some(&ids)), K::NotFound);
+        assert!(m.starts_with("invalid volume"), "{m}");
+        err(c.check_old_rules(Some("mars"), Some(&ids)), K::Invalid);
+        err(c.check_old_rules(Some("toronto"), Some("999")), K::NotFound);
     }
 
     #[test]
@@ -1139,8 +1371,9 @@ mod tests {
         assert_eq!(c.snapshot_list("toronto").unwrap().len(), 1);
         c.snapshot_delete("toronto", &sid).unwrap();
         err(c.snapshot_delete("toronto", &sid), K::NotFound);
-        c.image_delete(&imgs).unwrap();
-        err(c.image_delete(&imgs), K::NotFound);
+        assert_eq!(c.image_delete(&imgs), Some(img));
+        assert_eq!(c.image_delete(&imgs), None);
+        assert_eq!(c.image_delete("not-a-number"), None);
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub fn sim_config(dir: &Path) -> SimConfig {
         seed: 7,
         refuse_delete_with_snapshots: false,
         rate_limit_qps: None,
+        ..SimConfig::default()
     }
 }
 
