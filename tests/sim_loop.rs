@@ -1,4 +1,6 @@
-//! The loop backing, end to end: real loop devices behind `virtio-<serial>` links.
+//! The loop backing, end to end: real loop devices behind the by-id links udev makes for a
+//! disk on the attachment's bus (`virtio-<serial>`, `ata-QEMU_HARDDISK_<serial>`,
+//! `scsi-0QEMU_QEMU_HARDDISK_<serial>`).
 //! Needs root and loop devices; elsewhere each test prints why it is skipped.
 
 use std::fs::{File, OpenOptions};
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
-use lunanode_csi::sim::{Backing, SimConfig, SimHandle, VmSpec, loop_available};
+use lunanode_csi::sim::{Backing, Bus, SimConfig, SimHandle, VmSpec, link_name_on, loop_available};
 use serde_json::{Value, json};
 use sha2::Sha512;
 
@@ -86,10 +88,15 @@ impl Api {
             .to_string()
     }
 
+    /// Attach on virtio (`target=/dev/vda`, as the driver does).
     async fn attach(&self, id: &str, vm: &str) {
+        self.attach_on(id, vm, "/dev/vda").await;
+    }
+
+    async fn attach_on(&self, id: &str, vm: &str, target: &str) {
         self.ok(
             "volume/attach",
-            &[("volume_id", id), ("vm_id", vm), ("target", "auto")],
+            &[("volume_id", id), ("vm_id", vm), ("target", target)],
         )
         .await;
     }
@@ -104,9 +111,20 @@ fn skip() -> bool {
     }
 }
 
+/// The virtio link of a volume.
 fn link_for(h: &SimHandle, identification: &str) -> PathBuf {
     h.by_id_dir
         .join(format!("virtio-{}", &identification[..20]))
+}
+
+/// The names in the by-id directory.
+fn links(h: &SimHandle) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&h.by_id_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 fn size_of_device(dev: &Path) -> u64 {
@@ -328,8 +346,10 @@ async fn a_dropped_handle_still_cleans_up() {
     let vol = api
         .create(&[("region", "toronto"), ("label", "d"), ("size", "1")])
         .await;
-    api.attach(&vol, &h.vms[0].id.clone()).await;
-    let link = link_for(&h, &api.identification(&vol).await);
+    api.attach_on(&vol, &h.vms[0].id.clone(), "auto").await;
+    let link = h
+        .by_id_dir
+        .join(link_name_on(Bus::Ide, &api.identification(&vol).await));
     let dev = device_behind(&link);
     let state_dir = h.state_dir().to_path_buf();
     let file = state_dir.join(format!("volumes/vol-{vol}.img"));
@@ -340,4 +360,78 @@ async fn a_dropped_handle_still_cleans_up() {
     // The device no longer has a backing file.
     let out = Command::new("losetup").arg(&dev).output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains(file.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn the_link_is_the_one_udev_makes_on_the_bus() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let h = SimHandle::start(SimConfig {
+        vm_buses: vec![None, Some(Bus::Virtio)],
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let api = Api::new(&h);
+    let vm = h.vms[0].id.clone();
+    assert_eq!(h.vms[0].bus, Bus::Ide, "the likely default: IDE disks");
+    let vol = api
+        .create(&[("region", "toronto"), ("label", "b"), ("size", "1")])
+        .await;
+    let ident = api.identification(&vol).await;
+    let file = dir.path().join(format!("volumes/vol-{vol}.img"));
+    for (target, bus, name) in [
+        (
+            "auto",
+            Bus::Ide,
+            format!("ata-QEMU_HARDDISK_{}", &ident[..20]),
+        ),
+        ("/dev/vda", Bus::Virtio, format!("virtio-{}", &ident[..20])),
+        (
+            "/dev/sdb",
+            Bus::Scsi,
+            format!("scsi-0QEMU_QEMU_HARDDISK_{ident}"),
+        ),
+        (
+            "/dev/hdb",
+            Bus::Ide,
+            format!("ata-QEMU_HARDDISK_{}", &ident[..20]),
+        ),
+    ] {
+        assert_eq!(link_name_on(bus, &ident), name);
+        api.attach_on(&vol, &vm, target).await;
+        // Exactly that link (an IDE disk has no virtio- link), to the volume's device.
+        assert_eq!(links(&h), [name.clone()], "{target}");
+        let link = h.by_id_dir.join(&name);
+        let dev = device_behind(&link);
+        assert!(loops_of(&file).contains(dev.to_str().unwrap()));
+        assert_eq!(size_of_device(&dev), GIB);
+        let st = h.state();
+        assert_eq!(st.volumes[0].bus.as_deref(), Some(bus.as_str()));
+        assert_eq!(st.volumes[0].link.as_deref(), Some(link.to_str().unwrap()));
+        write_at(&link, 0, target.as_bytes());
+        api.ok("volume/detach", &[("volume_id", &vol)]).await;
+        assert!(
+            links(&h).is_empty(),
+            "link left after detach: {:?}",
+            links(&h)
+        );
+        assert_eq!(loops_of(&file), "", "loop device left after detach");
+        assert_eq!(h.state().volumes[0].bus, None);
+    }
+    // A VM created with virtio disks attaches auto on virtio.
+    assert_eq!(h.vms[1].bus, Bus::Virtio);
+    let virtio_vm = h.add_vm_on("toronto", Some("v"), Bus::Virtio).unwrap();
+    api.attach_on(&vol, &virtio_vm.id, "auto").await;
+    assert_eq!(links(&h), [format!("virtio-{}", &ident[..20])]);
+    assert_eq!(read_at(&link_for(&h, &ident), 0, 8), b"/dev/hdb");
+    h.shutdown().await;
+    assert!(
+        std::fs::read_dir(dir.path().join("by-id"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
