@@ -10,10 +10,18 @@ use serde_json::{Value, json};
 use sha2::Sha512;
 
 fn start(args: &[&str]) -> (Child, Value) {
+    start_with_env(args, &[])
+}
+
+fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> (Child, Value) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lunanode-csi"))
         .arg("sim")
         .args(args)
         .env_remove("LUNANODE_SIM_SEED")
+        .env_remove("LUNANODE_SIM_QUIRKS")
+        .env_remove("LUNANODE_SIM_AUTO_BUS")
+        .env_remove("LUNANODE_SIM_VMS")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -78,6 +86,10 @@ async fn prints_one_line_serves_and_exits_on_sigterm() {
     assert_eq!(sim["api_id"].as_str().unwrap().len(), 16);
     assert_eq!(sim["api_key"].as_str().unwrap().len(), 128);
     assert_eq!(sim["backing"], "memory");
+    assert_eq!(
+        sim["quirks"], "ide-auto,list-words",
+        "the likely preset by default"
+    );
     let vms = sim["vms"].as_array().unwrap();
     assert_eq!(vms.len(), 2);
     assert_eq!(
@@ -138,8 +150,13 @@ async fn loop_backing_is_cleaned_up_on_sigterm() {
     )
     .await;
     assert_eq!(info["success"], "yes", "{info}");
-    let links: Vec<_> = std::fs::read_dir(&by_id).unwrap().collect();
+    let links: Vec<String> = std::fs::read_dir(&by_id)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // By default a VM has IDE disks, so `auto` gives an IDE disk: an ata- link only.
     assert_eq!(links.len(), 1);
+    assert!(links[0].starts_with("ata-QEMU_HARDDISK_"), "{links:?}");
     let file = dir.path().join(format!("volumes/vol-{id}.img"));
     let attached = |f: &Path| {
         let out = Command::new("losetup").arg("-j").arg(f).output().unwrap();
@@ -154,4 +171,82 @@ async fn loop_backing_is_cleaned_up_on_sigterm() {
         "link left after SIGTERM"
     );
     assert!(file.exists(), "a given state dir is kept");
+}
+
+#[test]
+fn help_documents_every_setting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lunanode-csi"))
+        .args(["sim", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--quirks",
+        "LUNANODE_SIM_QUIRKS",
+        "[default: likely]",
+        "ide-auto",
+        "list-words",
+        "old-rules",
+        "object-lists",
+        "likely",
+        "none",
+        "region not set",
+        "--auto-bus",
+        "LUNANODE_SIM_AUTO_BUS",
+        "REGION[:NAME[:BUS]]",
+        "LUNANODE_SIM_VMS",
+        "ata-QEMU_HARDDISK_",
+        "scsi-0QEMU_QEMU_HARDDISK_",
+        "non-ASCII",
+        "image/delete",
+    ] {
+        assert!(
+            help.contains(needle),
+            "{needle:?} not in sim --help:\n{help}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn quirks_and_buses_from_flags_and_env() {
+    let (child, sim) = start(&[
+        "--quirks",
+        "none,object-lists",
+        "--auto-bus",
+        "virtio",
+        "--vm",
+        "toronto:a:ide",
+        "--vm",
+        "montreal:b",
+    ]);
+    assert_eq!(sim["quirks"], "object-lists");
+    assert_eq!(sim["vms"][0]["bus"], "ide");
+    assert_eq!(sim["vms"][1]["bus"], "virtio");
+    let list = call(&sim, "vm/list", &[]).await;
+    assert!(list["vms"].is_object(), "{list}");
+    assert_eq!(list["vms"]["1"]["name"], "b");
+    terminate(child);
+
+    let (child, sim) = start_with_env(
+        &[],
+        &[
+            ("LUNANODE_SIM_QUIRKS", "likely,old-rules,no-list-words"),
+            ("LUNANODE_SIM_VMS", "roubaix::virtio,toronto"),
+        ],
+    );
+    assert_eq!(sim["quirks"], "ide-auto,old-rules");
+    assert_eq!(sim["vms"][0]["region"], "roubaix");
+    assert_eq!(sim["vms"][0]["bus"], "virtio");
+    assert_eq!(sim["vms"][1]["bus"], "ide");
+    let list = call(&sim, "volume/list", &[]).await;
+    assert_eq!(list["error"], "region not set", "{list}");
+    terminate(child);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_lunanode-csi"))
+        .args(["sim", "--quirks", "likely,floppy"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("floppy"));
 }
