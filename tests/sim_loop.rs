@@ -403,7 +403,7 @@ async fn the_link_is_the_one_udev_makes_on_the_bus() {
         assert_eq!(link_name_on(bus, &ident), name);
         api.attach_on(&vol, &vm, target).await;
         // Exactly that link (an IDE disk has no virtio- link), to the volume's device.
-        assert_eq!(links(&h), [name.clone()], "{target}");
+        assert_eq!(links(&h), std::slice::from_ref(&name), "{target}");
         let link = h.by_id_dir.join(&name);
         let dev = device_behind(&link);
         assert!(loops_of(&file).contains(dev.to_str().unwrap()));
