@@ -66,6 +66,10 @@ HEADER = """\
 #     --from-literal=api-id=YOUR_API_ID --from-literal=api-key=YOUR_API_KEY
 # The VolumeSnapshotClass needs the snapshot.storage.k8s.io CRDs and the
 # snapshot-controller installed first.
+#
+# Before the first claim, prove the account and a node: run `lunanode-csi
+# preflight` there as root with the same credentials (the chart runs it as
+# `helm test`; these manifests leave that pod out).
 """.format(release=RELEASE_NAME, namespace=NAMESPACE, region=PLAIN_REGION)
 
 _DOC_SEPARATOR = re.compile(r"^---[ \t]*$", re.MULTILINE)
@@ -105,10 +109,18 @@ def render_documents(
     return [(path, doc) for _, path, _, doc in found]
 
 
+def is_hook(doc: str) -> bool:
+    """Whether a rendered document is a Helm hook (e.g. the `helm test` pod)."""
+    meta = yaml.safe_load(doc).get("metadata") or {}
+    return "helm.sh/hook" in (meta.get("annotations") or {})
+
+
 def render_manifests() -> str:
     """The full text of deploy/kubernetes/lunanode-csi.yaml."""
     parts = [HEADER]
     for path, doc in render_documents(PLAIN_VALUES):
+        if is_hook(doc):
+            continue  # `helm test` pods run only when asked; kubectl would start them at once
         parts.append(f"---\n# Source: {path}\n{doc}")
     return "".join(parts)
 

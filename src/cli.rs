@@ -62,6 +62,10 @@ pub enum Command {
     /// List and delete images (what `snapshot replicate` makes).
     #[command(subcommand)]
     Image(crate::ops::ImageCommand),
+    // TEMP /// Prove an account and this node before the first claim: credentials and clock, this
+    // TEMP /// VM in the install's region, then a labelled test volume created, attached, found by
+    // TEMP /// its serial, formatted, mounted, written, read back and removed. Run as root on a node.
+    // TEMP Preflight(crate::preflight::PreflightArgs),
 }
 
 /// Which CSI services this process offers.
@@ -160,6 +164,34 @@ pub struct ControllerArgs {
     /// volume/snapshot-list and image/list (false: every caller sends its own).
     #[arg(long, env = "LUNANODE_CSI_WAIT_SHARE_LIST", default_value_t = true, action = clap::ArgAction::Set)]
     pub wait_share_list: bool,
+    #[command(flatten)]
+    pub attach: AttachArgs,
+}
+
+/// How volumes are attached (the controller's setting; `preflight` takes it too).
+#[derive(Debug, Clone, Args)]
+pub struct AttachArgs {
+    /// volume/attach's `target`, which picks the bus: `/dev/vda` attaches on virtio (what
+    /// Luna Node's own code sends; the disk gets the next free virtio letter, not vda),
+    /// `/dev/sda` SCSI, `/dev/hda` IDE, `auto` leaves it to the cloud (undocumented; may be
+    /// IDE on VMs created without volume_virtio). The node finds the disk on any bus.
+    #[arg(long, env = "LUNANODE_ATTACH_TARGET", default_value = crate::driver::ATTACH_TARGET)]
+    pub attach_target: String,
+}
+
+impl AttachArgs {
+    /// The target, checked.
+    pub fn target(&self) -> Result<String, CommandError> {
+        let t = self.attach_target.trim();
+        if crate::driver::valid_attach_target(t) {
+            Ok(t.to_string())
+        } else {
+            Err(CommandError::Config(format!(
+                "--attach-target {:?} is not auto or a bus device such as /dev/vda (virtio), /dev/sda (SCSI) or /dev/hda (IDE)",
+                self.attach_target
+            )))
+        }
+    }
 }
 
 impl ControllerArgs {
@@ -212,6 +244,7 @@ impl ControllerArgs {
                 .clamp(self.min_volume_size_gb, self.max_volume_size_gb),
             min_size_gb: self.min_volume_size_gb,
             max_size_gb: self.max_volume_size_gb,
+            attach_target: self.attach.target()?,
             ..ControllerConfig::default()
         })
     }
@@ -313,6 +346,7 @@ pub fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::from(1)
         }
+        Err(CommandError::Reported) => ExitCode::from(1),
     }
 }
 
@@ -327,6 +361,7 @@ async fn run(command: Command) -> Result<(), CommandError> {
         Command::Snapshot(c) => crate::ops::snapshot(c).await,
         Command::Vm(c) => crate::ops::vm(c).await,
         Command::Image(c) => crate::ops::image(c).await,
+        // TEMP Command::Preflight(args) => crate::preflight::run(args).await,
     }
 }
 

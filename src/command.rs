@@ -23,6 +23,9 @@ pub enum CommandError {
     Config(String),
     #[error("{0}")]
     Runtime(String),
+    /// A failure the command has already reported in its own output: exit 1, print nothing.
+    #[error("failed (reported above)")]
+    Reported,
 }
 
 /// How to reach the Luna Node API (shared by `serve` and the operator commands).

@@ -95,6 +95,8 @@ impl From<ApiError> for Error {
             ApiError::Auth { .. } => Error::Unauthenticated(format!(
                 "{msg}; check the API ID and key the driver was started with"
             )),
+            // Its message already names the causes to check (key, clock, encoding).
+            ApiError::Signature { .. } => Error::Unauthenticated(msg),
             ApiError::Other { .. } => Error::Internal(msg),
         }
     }

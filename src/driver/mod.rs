@@ -14,7 +14,7 @@ pub mod node_id;
 pub mod observe;
 pub mod validate;
 
-pub use controller::{ControllerConfig, ControllerService};
+pub use controller::{ATTACH_TARGET, ControllerConfig, ControllerService, valid_attach_target};
 pub use error::Error;
 pub use identity::IdentityService;
 pub use node::{NodeConfig, NodeService};

@@ -1,6 +1,7 @@
 //! The HTTP client: signing, nonces, rate limiting, retries, and one typed method per action.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use super::error::ApiError;
 use super::joined::Joined;
 use super::nonce::{DEFAULT_MAX_AHEAD, NonceMode, Nonces};
 use super::ratelimit::RateLimiter;
-use super::reply;
+use super::reply::{self, List};
 use super::sent;
 use super::sign::signature;
 use super::types::{Image, Snapshot, Vm, Volume};
@@ -44,6 +45,9 @@ pub struct ClientConfig {
     pub nonce: NonceMode,
     /// How far ahead of the clock [`NonceMode::Increasing`] may run (whole seconds).
     pub nonce_max_ahead: Duration,
+    /// The regions listed one by one when the account turns out to be on the API's old rules
+    /// (`volume/list` then needs a `region`).
+    pub regions: Vec<String>,
 }
 
 impl ClientConfig {
@@ -62,6 +66,10 @@ impl ClientConfig {
             max_backoff: Duration::from_secs(5),
             nonce: NonceMode::Clock,
             nonce_max_ahead: DEFAULT_MAX_AHEAD,
+            regions: super::types::REGIONS
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
         }
     }
 }
@@ -103,6 +111,11 @@ struct Inner {
     volumes: Joined<(), Vec<Volume>>,
     snapshots: Joined<String, Vec<Snapshot>>,
     images: Joined<String, Vec<Image>>,
+    /// The account answered `region not set` to a volume call without `region`: it is on the
+    /// API's rules from before 2018, and every volume call carries `region` from then on.
+    old_rules: AtomicBool,
+    /// Each volume's region, as lists and creates showed it (needed only on the old rules).
+    regions_of: Mutex<HashMap<u64, String>>,
 }
 
 /// A Luna Node API client. Cheap to clone; clones share nonces, rate limit and counters.
@@ -153,6 +166,8 @@ impl Client {
                 volumes: Joined::default(),
                 snapshots: Joined::default(),
                 images: Joined::default(),
+                old_rules: AtomicBool::new(false),
+                regions_of: Mutex::new(HashMap::new()),
             }),
             metrics: None,
         })
@@ -240,11 +255,19 @@ impl Client {
                 transient(format!("{what}: {}", without_url(&e)))
             })?;
         let status = resp.status();
+        let server_date = resp
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok());
         let body = resp
             .bytes()
             .await
             .map_err(|e| transient(format!("reading the response failed: {}", without_url(&e))))?;
-        let checked = reply::check(action, status, &body);
+        let mut checked = reply::check(action, status, &body);
+        if let Err(ApiError::Signature { clock_skew, .. }) = &mut checked {
+            *clock_skew = server_date.map(skew_from);
+        }
         if matches!(checked, Err(ApiError::Throttled { .. })) {
             inner.stats.throttled.fetch_add(1, Ordering::Relaxed);
         }
@@ -331,16 +354,124 @@ impl Client {
         let id: IdOnly = self
             .call_as_root("volume/create/", p, Repeat::Never)
             .await?;
+        if self.old_rules() {
+            self.remember_region(id.volume_id, region);
+        }
         Ok(id.volume_id)
     }
 
-    /// `volume/list`, optionally for one region.
+    /// `volume/list`, optionally for one region. Without one, on an account on the old rules
+    /// (see [`Self::old_rules`]), every region of [`ClientConfig::regions`] is listed in turn.
     pub async fn volume_list(&self, region: Option<&str>) -> Result<Vec<Volume>, ApiError> {
+        match region {
+            Some(r) => self.volume_list_in(Some(r)).await,
+            None if self.old_rules() => self.volume_list_each_region().await,
+            None => match self.volume_list_in(None).await {
+                Err(e) if says_region_not_set(&e) => {
+                    self.learn_old_rules("volume/list");
+                    self.volume_list_each_region().await
+                }
+                other => other,
+            },
+        }
+    }
+
+    async fn volume_list_in(&self, region: Option<&str>) -> Result<Vec<Volume>, ApiError> {
         let p = region
             .map(|r| params([("region", r.to_string())]))
             .unwrap_or_default();
-        self.call_as("volume/list/", p, Repeat::Safe, "volumes")
-            .await
+        let List(mut vols): List<Volume> = self
+            .call_as("volume/list/", p, Repeat::Safe, "volumes")
+            .await?;
+        if let Some(r) = region {
+            for v in vols.iter_mut().filter(|v| v.region.is_empty()) {
+                v.region = r.to_string();
+            }
+        }
+        if self.old_rules() {
+            for v in vols.iter().filter(|v| !v.region.is_empty()) {
+                self.remember_region(v.id, &v.region);
+            }
+        }
+        Ok(vols)
+    }
+
+    async fn volume_list_each_region(&self) -> Result<Vec<Volume>, ApiError> {
+        let mut all = Vec::new();
+        for r in &self.inner.cfg.regions {
+            all.extend(self.volume_list_in(Some(r)).await?);
+        }
+        Ok(all)
+    }
+
+    /// Whether the account answered `region not set` to a volume call sent as the reference
+    /// says (without `region`): it is on the API's rules from before 2018, and every volume
+    /// call has carried the volume's region since.
+    pub fn old_rules(&self) -> bool {
+        self.inner.old_rules.load(Ordering::Relaxed)
+    }
+
+    fn learn_old_rules(&self, action: &str) {
+        if !self.inner.old_rules.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                action,
+                "the Luna Node API answered `region not set` to {action} sent without a region, as the current API reference has it: this account is on the API's pre-2018 rules, so every volume call now carries the volume's region"
+            );
+        }
+    }
+
+    fn remember_region(&self, volume_id: u64, region: &str) {
+        let mut known = self.inner.regions_of.lock().expect("region cache lock");
+        if known.get(&volume_id).map(String::as_str) != Some(region) {
+            known.insert(volume_id, region.to_string());
+        }
+    }
+
+    /// A volume's region, for the old rules: as a list or create showed it, else found by
+    /// listing each region.
+    async fn region_of(&self, volume_id: u64) -> Result<String, ApiError> {
+        let known = |c: &Self| {
+            c.inner
+                .regions_of
+                .lock()
+                .expect("region cache lock")
+                .get(&volume_id)
+                .cloned()
+        };
+        if let Some(r) = known(self) {
+            return Ok(r);
+        }
+        self.volume_list_each_region().await?;
+        known(self).ok_or_else(|| ApiError::NotFound {
+            action: "volume/list".into(),
+            message: format!(
+                "volume {volume_id} is in none of the regions {}",
+                self.inner.cfg.regions.join(", ")
+            ),
+        })
+    }
+
+    /// A call on one volume: sent as the current reference says, without `region`; on an
+    /// account that answers `region not set`, sent once more with the volume's region, and
+    /// with it from then on. A refusal made nothing, so even a create-like call may be sent
+    /// again.
+    async fn call_on_volume(
+        &self,
+        handler: &'static str,
+        volume_id: u64,
+        mut p: Params,
+        repeat: Repeat,
+    ) -> Result<bytes::Bytes, ApiError> {
+        if !self.old_rules() {
+            match self.call(handler, p.clone(), repeat).await {
+                Err(e) if says_region_not_set(&e) => {
+                    self.learn_old_rules(handler.trim_end_matches('/'));
+                }
+                other => return other,
+            }
+        }
+        p.push(("region", self.region_of(volume_id).await?));
+        self.call(handler, p, repeat).await
     }
 
     /// `volume/list` for every region, shared: a caller joins the next list call that has
@@ -354,16 +485,19 @@ impl Client {
 
     /// `volume/info`.
     pub async fn volume_info(&self, volume_id: u64) -> Result<Volume, ApiError> {
-        self.call_as(
-            "volume/info/",
-            params([("volume_id", volume_id.to_string())]),
-            Repeat::Safe,
-            "volume",
-        )
-        .await
+        let body = self
+            .call_on_volume(
+                "volume/info/",
+                volume_id,
+                params([("volume_id", volume_id.to_string())]),
+                Repeat::Safe,
+            )
+            .await?;
+        reply::field("volume/info", &body, "volume")
     }
 
-    /// `volume/attach` with the given target (`auto` lets the cloud choose).
+    /// `volume/attach` with the given target: the bus, `/dev/vda` for virtio (see
+    /// `shared/lunanode-api.md`: `auto` is undocumented and may give an IDE disk).
     pub async fn volume_attach(
         &self,
         volume_id: u64,
@@ -375,18 +509,17 @@ impl Client {
             ("vm_id", vm_id.to_string()),
             ("target", target.to_string()),
         ]);
-        self.call("volume/attach/", p, Repeat::Safe).await.map(drop)
+        self.call_on_volume("volume/attach/", volume_id, p, Repeat::Safe)
+            .await
+            .map(drop)
     }
 
     /// `volume/detach`.
     pub async fn volume_detach(&self, volume_id: u64) -> Result<(), ApiError> {
-        self.call(
-            "volume/detach/",
-            params([("volume_id", volume_id.to_string())]),
-            Repeat::Safe,
-        )
-        .await
-        .map(drop)
+        let p = params([("volume_id", volume_id.to_string())]);
+        self.call_on_volume("volume/detach/", volume_id, p, Repeat::Safe)
+            .await
+            .map(drop)
     }
 
     /// `volume/extend` (detached volumes only).
@@ -395,7 +528,9 @@ impl Client {
             ("volume_id", volume_id.to_string()),
             ("size", size_gb.to_string()),
         ]);
-        self.call("volume/extend/", p, Repeat::Safe).await.map(drop)
+        self.call_on_volume("volume/extend/", volume_id, p, Repeat::Safe)
+            .await
+            .map(drop)
     }
 
     /// `volume/rename`.
@@ -409,13 +544,15 @@ impl Client {
 
     /// `volume/delete`.
     pub async fn volume_delete(&self, volume_id: u64) -> Result<(), ApiError> {
-        self.call(
-            "volume/delete/",
-            params([("volume_id", volume_id.to_string())]),
-            Repeat::Safe,
-        )
-        .await
-        .map(drop)
+        let p = params([("volume_id", volume_id.to_string())]);
+        self.call_on_volume("volume/delete/", volume_id, p, Repeat::Safe)
+            .await?;
+        self.inner
+            .regions_of
+            .lock()
+            .expect("region cache lock")
+            .remove(&volume_id);
+        Ok(())
     }
 
     /// `volume/snapshot-create`: never repeated automatically.
@@ -424,16 +561,17 @@ impl Client {
             ("volume_id", volume_id.to_string()),
             ("label", label.to_string()),
         ]);
-        let id: SnapshotIdOnly = self
-            .call_as_root("volume/snapshot-create/", p, Repeat::Never)
+        let body = self
+            .call_on_volume("volume/snapshot-create/", volume_id, p, Repeat::Never)
             .await?;
+        let id: SnapshotIdOnly = reply::root("volume/snapshot-create", &body)?;
         Ok(id.snapshot_id)
     }
 
     /// `volume/snapshot-list` for one region. Items that leave their region out (some API
     /// shapes do) get `region`.
     pub async fn snapshot_list(&self, region: &str) -> Result<Vec<Snapshot>, ApiError> {
-        let mut list: Vec<Snapshot> = self
+        let List(mut list): List<Snapshot> = self
             .call_as(
                 "volume/snapshot-list/",
                 params([("region", region.to_string())]),
@@ -490,8 +628,10 @@ impl Client {
 
     /// `vm/list`.
     pub async fn vm_list(&self) -> Result<Vec<Vm>, ApiError> {
-        self.call_as("vm/list/", Vec::new(), Repeat::Safe, "vms")
-            .await
+        let List(vms) = self
+            .call_as("vm/list/", Vec::new(), Repeat::Safe, "vms")
+            .await?;
+        Ok(vms)
     }
 
     /// `vm/info`: the region and ID are in `extra`.
@@ -510,7 +650,10 @@ impl Client {
         let p = region
             .map(|r| params([("region", r.to_string())]))
             .unwrap_or_default();
-        self.call_as("image/list/", p, Repeat::Safe, "images").await
+        let List(images) = self
+            .call_as("image/list/", p, Repeat::Safe, "images")
+            .await?;
+        Ok(images)
     }
 
     /// `image/list` for one region, shared like [`Self::volume_list_shared`].
@@ -520,7 +663,8 @@ impl Client {
         self.inner.images.call(&region.to_string(), list).await
     }
 
-    /// `image/delete`.
+    /// `image/delete`. The cloud says yes even for an image that does not exist, so a yes
+    /// proves only that no such image is left.
     pub async fn image_delete(&self, image_id: u64) -> Result<(), ApiError> {
         self.call(
             "image/delete/",
@@ -541,6 +685,12 @@ impl Client {
         let body = self.call(handler, p, repeat).await?;
         reply::root(handler.trim_end_matches('/'), &body)
     }
+}
+
+/// `region not set`: the answer of an account on the API's old rules to a volume call without
+/// `region`.
+fn says_region_not_set(e: &ApiError) -> bool {
+    e.message().to_ascii_lowercase().contains("region not set")
 }
 
 /// What a new volume is filled from.
@@ -617,7 +767,33 @@ fn request_json(api_id: &str, partial_key: &str, params: &[(&'static str, String
         serde_json::to_writer(&mut out, v).expect("a string serializes");
     }
     out.push(b'}');
-    String::from_utf8(out).expect("JSON of strings is UTF-8")
+    let json = String::from_utf8(out).expect("JSON of strings is UTF-8");
+    if json.is_ascii() {
+        json
+    } else {
+        ascii_escaped(&json)
+    }
+}
+
+/// JSON text with every non-ASCII character written as `\uXXXX` (UTF-16 code units, so a
+/// character beyond U+FFFF is a surrogate pair), as PHP's `json_encode` and Python's
+/// `json.dumps` write it. Luna Node refuses the signature of a `req` carrying raw multi-byte
+/// UTF-8 (`shared/lunanode-api.md`, "Keep `req` ASCII"); the escaped text decodes to the same
+/// strings. Only string contents can hold such characters, and there `\uXXXX` is valid.
+fn ascii_escaped(json: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                write!(out, "\\u{u:04x}").expect("writing to a String");
+            }
+        }
+    }
+    out
 }
 
 /// An `application/x-www-form-urlencoded` body (what reqwest's `.form()` sends), written
@@ -630,6 +806,15 @@ fn form(fields: &[(&str, &str)]) -> String {
     form_urlencoded::Serializer::new(String::with_capacity(len))
         .extend_pairs(fields)
         .finish()
+}
+
+/// The cloud's clock (its reply's `Date`) minus ours, in whole seconds.
+fn skew_from(server: std::time::SystemTime) -> i64 {
+    let now = std::time::SystemTime::now();
+    match server.duration_since(now) {
+        Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
+        Err(behind) => -i64::try_from(behind.duration().as_secs()).unwrap_or(i64::MAX),
+    }
 }
 
 fn without_url(e: &reqwest::Error) -> String {
@@ -658,7 +843,7 @@ mod tests {
         );
         assert_eq!(
             req,
-            r#"{"api_id":"abcdefghijklmnop","api_partialkey":"pk","label":"a \"b\"\\ é\n","size":"10"}"#
+            r#"{"api_id":"abcdefghijklmnop","api_partialkey":"pk","label":"a \"b\"\\ \u00e9\n","size":"10"}"#
         );
         let parsed: std::collections::BTreeMap<String, String> =
             serde_json::from_str(&req).unwrap();
@@ -666,6 +851,35 @@ mod tests {
         assert_eq!(
             request_json("i", "k", &[]),
             r#"{"api_id":"i","api_partialkey":"k"}"#
+        );
+    }
+
+    /// The signed text is ASCII whatever the parameters hold, and is what Python's
+    /// `json.dumps` writes; the signature is checked against an HMAC computed by Python's
+    /// `hmac` over that text (not by this crate's signing code).
+    #[test]
+    fn non_ascii_is_escaped_and_signed_as_sent() {
+        let req = request_json(
+            "abcdefghijklmnop",
+            "pk",
+            &[("label", "Grüße 日本 😀".into())],
+        );
+        let python = r#"{"api_id":"abcdefghijklmnop","api_partialkey":"pk","label":"Gr\u00fc\u00dfe \u65e5\u672c \ud83d\ude00"}"#;
+        assert!(req.is_ascii(), "{req}");
+        assert_eq!(req, python);
+        let decoded: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&req).unwrap();
+        assert_eq!(decoded["label"], "Grüße 日本 😀");
+        // python3 -c 'import hmac,hashlib; print(hmac.new(b"k"*128,
+        //   ("volume/create/|"+REQ+"|775886400").encode(), hashlib.sha512).hexdigest())'
+        assert_eq!(
+            signature(&"k".repeat(128), "volume/create/", &req, "775886400"),
+            "8820dee4dd59d8b8fdeaff6d38d6539b77dba73e1ab1cf95d4448d91adeb2f7b2ee5c448589974230fb0f12acf9421c94c16603894116aafd035ab8d014863cf"
+        );
+        // ASCII text is left exactly as serde_json wrote it.
+        assert_eq!(
+            request_json("i", "k", &[("label", "pvc-1\t\"x\"".into())]),
+            r#"{"api_id":"i","api_partialkey":"k","label":"pvc-1\t\"x\""}"#
         );
     }
 

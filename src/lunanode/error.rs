@@ -25,6 +25,16 @@ pub enum ApiError {
     /// The API ID or key was refused.
     #[error("{action}: authentication failed: {message}")]
     Auth { action: String, message: String },
+    /// The cloud could not verify the request's signature. The key is only one of the causes:
+    /// the nonce is the clock's second, so a clock far off is refused the same way, and so is
+    /// request text the cloud reads differently from how it was signed.
+    #[error("{action}: the cloud refused the request's signature ({message}); {}", signature_causes(*.clock_skew))]
+    Signature {
+        action: String,
+        message: String,
+        /// The cloud's clock minus ours, in seconds, from the reply's `Date` header.
+        clock_skew: Option<i64>,
+    },
     /// Anything else the cloud said.
     #[error("{action}: {message}")]
     Other { action: String, message: String },
@@ -49,6 +59,7 @@ impl ApiError {
             | ApiError::Throttled { message, .. }
             | ApiError::Transient { message, .. }
             | ApiError::Auth { message, .. }
+            | ApiError::Signature { message, .. }
             | ApiError::Other { message, .. } => message,
         }
     }
@@ -77,9 +88,14 @@ impl ApiError {
             "timed out",
         ]) {
             ApiError::Transient { action, message }
+        } else if has(&["signature"]) {
+            ApiError::Signature {
+                action,
+                message,
+                clock_skew: None,
+            }
         } else if has(&[
             "authentication",
-            "signature",
             "invalid api",
             "api key",
             "api_id",
@@ -114,6 +130,27 @@ impl ApiError {
             ApiError::Other { action, message }
         }
     }
+}
+
+/// Within this many seconds the cloud's `Date` and our clock agree (it has 1 s resolution, and
+/// the reply took some time to arrive).
+const CLOCK_AGREES_SECS: i64 = 5;
+
+/// What to check when a signature is refused, most likely first given what the reply said of
+/// the cloud's clock.
+fn signature_causes(clock_skew: Option<i64>) -> String {
+    let clock = match clock_skew {
+        Some(s) if s.abs() > CLOCK_AGREES_SECS => format!(
+            "this machine's clock is {} s {} the cloud's: request nonces are the current Unix time, so fix the clock (NTP) first",
+            s.abs(),
+            if s > 0 { "behind" } else { "ahead of" }
+        ),
+        Some(_) => "the clock agrees with the cloud's, so it is not the cause".to_string(),
+        None => "this machine's clock may be off (request nonces are the current Unix time; the reply had no Date to compare)".to_string(),
+    };
+    format!(
+        "causes: the API key is wrong or truncated (all 128 characters are signed; the API ID is only checked separately); {clock}; or the request's text was read differently from how it was signed (the driver sends it ASCII-escaped; if key and clock are right, report this with the action)"
+    )
 }
 
 /// "invalid vm" is how the API says a VM does not exist (and likewise for the other
@@ -174,7 +211,43 @@ mod tests {
             c("temporarily unavailable, try again"),
             ApiError::Transient { .. }
         ));
-        assert!(matches!(c("invalid signature"), ApiError::Auth { .. }));
+        assert!(matches!(c("invalid signature"), ApiError::Signature { .. }));
+        assert!(matches!(c("invalid api key"), ApiError::Auth { .. }));
         assert!(matches!(c("something odd"), ApiError::Other { .. }));
+    }
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_signature_names_key_clock_and_encoding() {
+        let mut e = ApiError::from_cloud_message(
+            "volume/create",
+            "authentication failed: invalid signature",
+        );
+        let shown = e.to_string();
+        for cause in ["API key", "clock", "ASCII"] {
+            assert!(shown.contains(cause), "{shown}");
+        }
+        assert!(
+            shown.contains("authentication failed: invalid signature"),
+            "{shown}"
+        );
+        if let ApiError::Signature { clock_skew, .. } = &mut e {
+            *clock_skew = Some(-400);
+        }
+        let shown = e.to_string();
+        assert!(
+            shown.contains("clock is 400 s ahead of the cloud's"),
+            "{shown}"
+        );
+        if let ApiError::Signature { clock_skew, .. } = &mut e {
+            *clock_skew = Some(1);
+        }
+        assert!(e.to_string().contains("not the cause"), "{e}");
+        assert!(!e.is_retryable());
+        assert_eq!(e.message(), "authentication failed: invalid signature");
     }
 }

@@ -200,6 +200,64 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// A list field: a JSON array, or an object keyed `"0"`, `"1"`, … as some Luna Node list
+/// actions answer (seen on `sshkey/list` and `dns/dyn-list`; `shared/lunanode-api.md`). The
+/// object's values are taken in the numeric order of their keys; a key that is not a number
+/// sorts after the numbered ones, in the order it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct List<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<fn() -> T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = List<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list, or an object keyed \"0\", \"1\", …")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<T>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(item) = seq.next_element()? {
+                    out.push(item);
+                }
+                Ok(List(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<List<T>, A::Error> {
+                let mut keyed: Vec<(u64, usize, T)> = Vec::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let rank = key.trim().parse::<u64>().unwrap_or(u64::MAX);
+                    let order = keyed.len();
+                    keyed.push((rank, order, map.next_value()?));
+                }
+                keyed.sort_by_key(|(rank, order, _)| (*rank, *order));
+                Ok(List(keyed.into_iter().map(|(_, _, t)| t).collect()))
+            }
+            // An empty list has been seen written as `""`, `null` or `false` by PHP APIs.
+            fn visit_unit<E>(self) -> Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_none<E>(self) -> Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<List<T>, E> {
+                if s.is_empty() {
+                    Ok(List(Vec::new()))
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Str(s), &self))
+                }
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<List<T>, E> {
+                if b {
+                    Err(E::invalid_type(de::Unexpected::Bool(b), &self))
+                } else {
+                    Ok(List(Vec::new()))
+                }
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
 /// A value that counts only when it is a string; anything else reads as absent.
 struct Text(Option<String>);
 
@@ -447,6 +505,34 @@ mod tests {
         }
         let id: Id = root("volume/create", br#"{"success":"yes","volume_id":"12"}"#).unwrap();
         assert_eq!(id.volume_id, "12");
+    }
+
+    #[test]
+    fn lists_are_arrays_or_objects_keyed_by_position() {
+        let body =
+            br#"{"success":"yes","volumes":{"1":{"id":"8"},"0":{"id":"7"},"10":{"id":"9"}}}"#;
+        let List(vols): List<Volume> = field("volume/list", body, "volumes").unwrap();
+        assert_eq!(vols.iter().map(|v| v.id).collect::<Vec<_>>(), [7, 8, 9]);
+        let List(vols): List<Volume> = field(
+            "volume/list",
+            br#"{"success":"yes","volumes":[{"id":"7"}]}"#,
+            "volumes",
+        )
+        .unwrap();
+        assert_eq!(vols[0].id, 7);
+        for empty in [r#"{}"#, "[]", "null", r#""""#, "false"] {
+            let body = format!(r#"{{"success":"yes","volumes":{empty}}}"#);
+            let List(vols): List<Volume> =
+                field("volume/list", body.as_bytes(), "volumes").unwrap();
+            assert!(vols.is_empty(), "{empty}");
+        }
+        for bad in [r#""x""#, "true", "3", r#"{"0":{"name":"no id"}}"#] {
+            let body = format!(r#"{{"success":"yes","volumes":{bad}}}"#);
+            assert!(
+                field::<List<Volume>>("volume/list", body.as_bytes(), "volumes").is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

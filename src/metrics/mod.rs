@@ -276,6 +276,7 @@ fn api_result(e: &ApiError) -> &'static str {
         ApiError::Throttled { .. } => "throttled",
         ApiError::Transient { .. } => "transient",
         ApiError::Auth { .. } => "auth",
+        ApiError::Signature { .. } => "signature",
         ApiError::Other { .. } => "other",
     }
 }

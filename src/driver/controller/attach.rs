@@ -7,12 +7,17 @@ use super::wait::{Deadline, WaitKind};
 use crate::csi::*;
 use crate::driver::error::Error;
 use crate::driver::node::{CTX_SERIAL, CTX_SIZE_BYTES};
+// TEMP until the node module defines it.
+const CTX_IDENTIFICATION: &str = "identification";
 use crate::driver::validate;
 use crate::lunanode::{ApiError, Readiness, Volume as CloudVolume};
 
+/// What the node needs to find and verify the disk. The full identification goes with the
+/// 20-character serial because SCSI disks carry serials up to 36 characters long.
 fn publish_context(vol: &CloudVolume) -> HashMap<String, String> {
     HashMap::from([
         (CTX_SERIAL.to_string(), vol.serial().to_string()),
+        (CTX_IDENTIFICATION.to_string(), vol.identification.clone()),
         (
             CTX_SIZE_BYTES.to_string(),
             validate::bytes(vol.size).to_string(),
@@ -105,7 +110,8 @@ impl Inner {
             }
             None => {
                 fresh = true;
-                if let Err(e) = self.client.volume_attach(vref.id, node, "auto").await {
+                let target = &self.cfg.attach_target;
+                if let Err(e) = self.client.volume_attach(vref.id, node, target).await {
                     fresh = false;
                     // After a lost reply the repeat is refused as "already attached": check.
                     let now = self.client.volume_info(vref.id).await?;
@@ -128,7 +134,7 @@ impl Inner {
         let vol = self
             .waits
             .until(kind, fresh, deadline, &what, || async {
-                let v = self.poll_volume(vref.id).await?;
+                let v = self.poll_volume(vref.id, true).await?;
                 match v.attached_vm() {
                     Some(vm) if vm == node && v.status == "in-use" => Ok(Some(v)),
                     Some(vm) if vm != node => Err(Error::FailedPrecondition(format!(
@@ -190,7 +196,7 @@ impl Inner {
         let kind = WaitKind::Detach;
         self.waits
             .until(kind, fresh, deadline, &what, || async {
-                match self.poll_volume(vref.id).await {
+                match self.poll_volume(vref.id, true).await {
                     Ok(v) => Ok((!attached_here(&v) || v.attached_vm().is_none())
                         .then_some(())
                         .filter(|_| v.status != "detaching")),

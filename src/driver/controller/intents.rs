@@ -24,6 +24,7 @@ pub fn made_nothing(e: &ApiError) -> bool {
             | ApiError::WrongState { .. }
             | ApiError::LimitExceeded { .. }
             | ApiError::Auth { .. }
+            | ApiError::Signature { .. }
             | ApiError::Throttled { .. }
     )
 }

@@ -46,6 +46,24 @@ pub struct ControllerConfig {
     pub backoff: Backoff,
     /// Learnt or fixed waits.
     pub wait: WaitPolicy,
+    /// `volume/attach`'s `target`: the bus the disk is attached on (see [`ATTACH_TARGET`]).
+    pub attach_target: String,
+}
+
+/// The attach target by default: the virtio bus, as Luna Node's own code attaches. The
+/// reference documents `target` as the bus (`/dev/vda` virtio, `/dev/hda` IDE); `auto` is
+/// undocumented and, on a VM created without `volume_virtio`, may attach on IDE.
+pub const ATTACH_TARGET: &str = "/dev/vda";
+
+/// Whether `target` is one `volume/attach` takes: `auto`, or a device path naming a bus
+/// (`/dev/vdX` virtio, `/dev/sdX` SCSI, `/dev/hdX` IDE).
+pub fn valid_attach_target(target: &str) -> bool {
+    target == "auto"
+        || ["/dev/vd", "/dev/sd", "/dev/hd"].iter().any(|bus| {
+            target
+                .strip_prefix(bus)
+                .is_some_and(|l| l.len() == 1 && l.as_bytes()[0].is_ascii_lowercase())
+        })
 }
 
 impl Default for ControllerConfig {
@@ -63,6 +81,7 @@ impl Default for ControllerConfig {
             unknown_create_grace: Duration::from_secs(60),
             backoff: Backoff::default(),
             wait: WaitPolicy::default(),
+            attach_target: ATTACH_TARGET.to_string(),
         }
     }
 }

@@ -148,8 +148,14 @@ impl Inner {
     /// on, and the account's list is not much longer than the waiters it answers), from a
     /// `volume/list` shared with them (one call answers every waiter whose poll is due while
     /// a list is being sent: ~45% fewer API calls per wait at 50 concurrent waits in the
-    /// benchmark), else `volume/info`.
-    pub(super) async fn poll_volume(&self, id: u64) -> Result<CloudVolume, ApiError> {
+    /// benchmark), else `volume/info`. `attachment`: the caller needs to know whether the
+    /// volume is attached (`in-use`) or not, which a list item in the list's own words
+    /// (`active`) does not say.
+    pub(super) async fn poll_volume(
+        &self,
+        id: u64,
+        attachment: bool,
+    ) -> Result<CloudVolume, ApiError> {
         if !self.waits.share_volume_list() {
             return self.client.volume_info(id).await;
         }
@@ -164,8 +170,13 @@ impl Inner {
                 message: format!("volume {id} not found"),
             })?;
         // Which fields the real cloud's list items carry is undocumented: an attached volume
-        // whose item names no VM is asked about directly rather than waited on forever.
-        if v.status == "in-use" && v.attached_vm().is_none() {
+        // whose item names no VM is asked about directly rather than waited on forever. And
+        // the list has its own word for a settled volume (`active`, where `volume/info` says
+        // `available` or `in-use`; `shared/lunanode-api.md`), so a wait on an attachment
+        // asks `volume/info` once the list shows the volume settled.
+        if (v.status == "in-use" && v.attached_vm().is_none())
+            || (attachment && v.status == "active")
+        {
             return self.client.volume_info(id).await;
         }
         Ok(v)
@@ -194,7 +205,7 @@ impl Inner {
     ) -> Result<CloudVolume, Error> {
         let what = format!("volume {vref} to become available");
         let vol = self.waits.until(kind, fresh, deadline, &what, || async {
-            let v = match self.poll_volume(vref.id).await {
+            let v = match self.poll_volume(vref.id, false).await {
                 Ok(v) => v,
                 // NOT_FOUND would tell the CO the request's source is missing (final).
                 Err(ApiError::NotFound { .. }) => {
@@ -418,7 +429,7 @@ impl Inner {
         let what = format!("volume {vref} to grow to {size_gb} GB");
         let kind = WaitKind::Extend;
         self.waits.until(kind, fresh, deadline, &what, || async {
-            let v = self.poll_volume(vref.id).await?;
+            let v = self.poll_volume(vref.id, false).await?;
             if v.readiness() == Readiness::Failed {
                 return Err(Error::Internal(format!(
                     "extending volume {vref} failed in the cloud (status {:?}); contact Luna Node support",
