@@ -1,7 +1,8 @@
 //! Shared fixtures for the node tests (included by `tests/node_ops.rs` and
 //! `tests/node_service.rs` with `#[path]`): real loop devices on sparse files, a by-id
-//! directory with `virtio-<serial>` links exactly as udev makes them, and cleanup that always
-//! unmounts and detaches, even when a test panics.
+//! directory with `virtio-<serial>` links exactly as udev makes them (or the names other
+//! buses get, [`Fixture::link_as`]), and cleanup that always unmounts and detaches, even
+//! when a test panics.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,12 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A volume identification (36 characters, like Luna Node's UUIDs) whose first 20
+/// characters are the disk's serial.
+pub fn identification_of(disk: &Disk) -> String {
+    format!("{}-{:015x}", disk.serial, 0xa9b8_0c1d_2e3f_u64)
 }
 
 /// One simulated attached disk.
@@ -152,6 +159,12 @@ impl Fixture {
             self.by_id.join(format!("virtio-{}", disk.serial)),
         )
         .unwrap();
+    }
+
+    /// Create the by-id link `name` to the disk's device, as udev would for another bus
+    /// (e.g. `ata-QEMU_HARDDISK_<serial>`).
+    pub fn link_as(&self, disk: &Disk, name: &str) {
+        std::os::unix::fs::symlink(&disk.dev, self.by_id.join(name)).unwrap();
     }
 
     /// An attached disk with its by-id link.

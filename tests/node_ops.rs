@@ -8,8 +8,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lunanode_csi::volumes::mount::{self, MountOptions};
-use lunanode_csi::volumes::{DeviceWait, Probe, VolumeError, device, fs, probe, resize, stats};
+use lunanode_csi::volumes::{
+    DeviceWait, DiskId, Probe, VolumeError, device, fs, probe, resize, stats,
+};
 use nix::mount::MsFlags;
+
+fn id(serial: &str) -> DiskId {
+    DiskId {
+        serial: serial.to_string(),
+        identification: None,
+    }
+}
 
 fn wait(ms: u64) -> DeviceWait {
     DeviceWait {
@@ -26,13 +35,13 @@ fn finds_and_verifies_the_device_by_serial() {
     }
     let fx = Fixture::new();
     let d = fx.disk(64 * MIB);
-    let found = device::find(&fx.by_id, &d.serial, Some(d.size), &wait(1000)).unwrap();
+    let found = device::find(&fx.by_id, &id(&d.serial), Some(d.size), &wait(1000)).unwrap();
     assert_eq!(found.path, d.dev);
     assert_eq!(found.size, 64 * MIB);
     assert_eq!(found.rdev, std::fs::metadata(&d.dev).unwrap().rdev());
 
     // Wrong size: refused, clearly.
-    let err = device::find(&fx.by_id, &d.serial, Some(d.size * 2), &wait(1000)).unwrap_err();
+    let err = device::find(&fx.by_id, &id(&d.serial), Some(d.size * 2), &wait(1000)).unwrap_err();
     assert!(matches!(err, VolumeError::DeviceMismatch { .. }), "{err}");
     assert!(err.to_string().contains("size"), "{err}");
 }
@@ -51,7 +60,7 @@ fn a_device_that_appears_late_is_found() {
         std::os::unix::fs::symlink(target, link).unwrap();
     });
     let started = Instant::now();
-    let found = device::find(&fx.by_id, &d.serial, Some(d.size), &wait(10_000)).unwrap();
+    let found = device::find(&fx.by_id, &id(&d.serial), Some(d.size), &wait(10_000)).unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(found.path, d.dev);
     t.join().unwrap();
@@ -64,7 +73,13 @@ fn a_missing_device_fails_after_the_bound() {
     }
     let fx = Fixture::new();
     let started = Instant::now();
-    let err = device::find(&fx.by_id, "nope-nope-nope-nope0", Some(MIB), &wait(700)).unwrap_err();
+    let err = device::find(
+        &fx.by_id,
+        &id("nope-nope-nope-nope0"),
+        Some(MIB),
+        &wait(700),
+    )
+    .unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, VolumeError::DeviceNotFound { .. }), "{err}");
     assert!(

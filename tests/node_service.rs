@@ -17,7 +17,7 @@ use lunanode_csi::csi::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
 use lunanode_csi::csi::*;
-use lunanode_csi::driver::node::{CTX_SERIAL, CTX_SIZE_BYTES};
+use lunanode_csi::driver::node::{CTX_IDENTIFICATION, CTX_SERIAL, CTX_SIZE_BYTES};
 use lunanode_csi::driver::{NodeConfig, NodeService};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Code;
@@ -97,6 +97,25 @@ async fn stage(
     c.node_stage_volume(NodeStageVolumeRequest {
         volume_id: vol.into(),
         publish_context: ctx(d),
+        staging_target_path: s(staging),
+        volume_capability: Some(cap),
+        ..Default::default()
+    })
+    .await
+    .map(drop)
+}
+
+/// [`stage`] with a publish_context of one's own.
+async fn stage_with(
+    c: &mut Client,
+    vol: &str,
+    publish_context: HashMap<String, String>,
+    staging: &Path,
+    cap: VolumeCapability,
+) -> Result<(), tonic::Status> {
+    c.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        publish_context,
         staging_target_path: s(staging),
         volume_capability: Some(cap),
         ..Default::default()
@@ -1185,4 +1204,219 @@ async fn block_target_without_its_device_is_not_found() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let err = stats(&mut c, "vb", &target).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+/// The device mounted at `path`, as the mount table says.
+fn mounted_from(path: &Path) -> String {
+    lunanode_csi::volumes::mount::mount_at(path)
+        .unwrap()
+        .expect("mounted")
+        .source
+}
+
+// The disk may come on IDE/SATA or virtio-scsi instead of virtio-blk (attach target, VM):
+// udev then names it otherwise, and the node finds it under those names too.
+#[tokio::test]
+async fn a_disk_is_found_on_whichever_bus_it_came() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+
+    // IDE/SATA through libata: ata-QEMU_HARDDISK_<serial>, and nothing else.
+    let ata = fx.disk_unlinked(64 * MIB);
+    fx.link_as(&ata, &format!("ata-QEMU_HARDDISK_{}", ata.serial));
+    let staging = fx.path("ata");
+    stage(&mut c, "vol-ata", &ata, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(mounted_from(&staging), s(&ata.dev));
+    assert_eq!(blkid_type(&ata.dev).as_deref(), Some("ext4"));
+    // Publishing double-checks the staged disk through the same name.
+    let target = fx.path("pods/ata");
+    publish(
+        &mut c,
+        "vol-ata",
+        &ata,
+        &staging,
+        &target,
+        mount_cap("ext4"),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(is_mount_point(&target));
+
+    // virtio-scsi carrying the whole identification: found when the controller passes it.
+    let scsi = fx.disk_unlinked(64 * MIB);
+    let ident = identification_of(&scsi);
+    assert_eq!(ident.len(), 36);
+    fx.link_as(&scsi, &format!("scsi-0QEMU_QEMU_HARDDISK_{ident}"));
+    let staging = fx.path("scsi");
+    let mut ctx_full = ctx(&scsi);
+    ctx_full.insert(CTX_IDENTIFICATION.into(), ident.clone());
+    stage_with(&mut c, "vol-scsi", ctx_full, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(mounted_from(&staging), s(&scsi.dev));
+    // Raw block access finds it the same way.
+    let mut ctx_full = ctx(&scsi);
+    ctx_full.insert(CTX_IDENTIFICATION.into(), ident.clone());
+    let block_target = fx.path("pods/scsi-block");
+    c.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: "vol-scsi-block".into(),
+        publish_context: ctx_full,
+        staging_target_path: s(&fx.path("scsi-block-staging")),
+        target_path: s(&block_target),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        std::fs::metadata(&block_target)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+
+    // virtio-blk: the name it always had.
+    let virtio = fx.disk_unlinked(64 * MIB);
+    fx.link_as(&virtio, &format!("virtio-{}", virtio.serial));
+    let staging = fx.path("virtio");
+    stage(&mut c, "vol-virtio", &virtio, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(mounted_from(&staging), s(&virtio.dev));
+}
+
+#[tokio::test]
+async fn the_whole_identification_is_needed_for_a_name_that_carries_only_it() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_millis(600)).await;
+    let d = fx.disk_unlinked(64 * MIB);
+    let ident = identification_of(&d);
+    fx.link_as(&d, &format!("scsi-SQEMU_QEMU_HARDDISK_{ident}"));
+    // Only the serial: that name cannot be known, so the disk is not found (never guessed).
+    let staging = fx.path("gm");
+    let err = stage(&mut c, "v", &d, &staging, mount_cap("ext4"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // ...and the error shows it under the name it has, with its size.
+    assert!(
+        err.message().contains(&format!(
+            "scsi-SQEMU_QEMU_HARDDISK_{ident} → {} (67108864 bytes",
+            d.dev.display()
+        )),
+        "{}",
+        err.message()
+    );
+    assert_eq!(blkid_type(&d.dev), None);
+    let mut with_ident = ctx(&d);
+    with_ident.insert(CTX_IDENTIFICATION.into(), ident);
+    stage_with(&mut c, "v", with_ident, &staging, mount_cap("ext4"))
+        .await
+        .unwrap();
+    assert_eq!(mounted_from(&staging), s(&d.dev));
+}
+
+#[tokio::test]
+async fn names_of_one_serial_on_different_disks_are_refused_untouched() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_secs(5)).await;
+    let a = fx.disk(64 * MIB);
+    let b = fx.disk_unlinked(64 * MIB);
+    // udev (or a stale link) gives another disk a name of A's serial.
+    let ata_name = format!("ata-QEMU_HARDDISK_{}", a.serial);
+    fx.link_as(&b, &ata_name);
+    let staging = fx.path("gm");
+    let err = stage(&mut c, "vol-a", &a, &staging, mount_cap("ext4"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    for needle in [
+        format!("virtio-{} → {}", a.serial, a.dev.display()),
+        format!("{ata_name} → {}", b.dev.display()),
+        "refusing to guess".to_string(),
+    ] {
+        assert!(
+            err.message().contains(&needle),
+            "{needle:?} in {}",
+            err.message()
+        );
+    }
+    assert!(!is_mount_point(&staging));
+    assert_eq!(blkid_type(&a.dev), None, "A untouched");
+    assert_eq!(blkid_type(&b.dev), None, "B untouched");
+    // Raw block publishing refuses the same way.
+    let err = c
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: "vol-a".into(),
+            publish_context: ctx(&a),
+            staging_target_path: s(&staging),
+            target_path: s(&fx.path("pods/block")),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
+
+#[tokio::test]
+async fn a_missing_disk_says_where_it_looked_and_what_the_node_has() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut c = start(&fx, Duration::from_millis(1500)).await;
+    let present = fx.disk(64 * MIB);
+    fx.link_as(&present, &format!("virtio-{}-part1", present.serial));
+    let ghost = Disk {
+        serial: "ghost-ghost-ghost-gh".into(),
+        file: PathBuf::new(),
+        dev: PathBuf::new(),
+        size: 64 * MIB,
+    };
+    let started = Instant::now();
+    let err = stage(
+        &mut c,
+        "vol-ghost",
+        &ghost,
+        &fx.path("gm"),
+        mount_cap("ext4"),
+    )
+    .await
+    .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let msg = err.message();
+    eprintln!("{msg}");
+    for needle in [
+        format!(
+            "no disk with serial ghost-ghost-ghost-gh appeared in {} within 1.5s",
+            fx.by_id.display()
+        ),
+        "virtio-ghost-ghost-ghost-gh".into(),
+        "scsi-0QEMU_QEMU_HARDDISK_ghost-ghost-ghost-gh".into(),
+        "scsi-SQEMU_QEMU_HARDDISK_ghost-ghost-ghost-gh".into(),
+        "ata-QEMU_HARDDISK_ghost-ghost-ghost-gh".into(),
+        format!(
+            "this node has: virtio-{} → {} (67108864 bytes = 0.06 GiB)",
+            present.serial,
+            present.dev.display()
+        ),
+        "--attach-target".into(),
+    ] {
+        assert!(msg.contains(&needle), "{needle:?} in {msg}");
+    }
+    assert!(!msg.contains("-part1"), "partitions are not listed: {msg}");
 }

@@ -15,21 +15,37 @@ pub mod probe;
 pub mod resize;
 pub mod stats;
 
-pub use device::{Device, DeviceWait};
+pub use device::{Device, DeviceWait, DiskId};
 pub use probe::Probe;
 
 /// What can go wrong while working on a node's disks and mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    /// The by-id link for the volume never appeared.
+    /// No by-id name of the volume's disk appeared within the wait. The message names the
+    /// names looked for, the directory, the time waited and what the directory does hold,
+    /// so an operator sees at once whether the disk came under another name.
     #[error(
-        "device {} for volume serial {serial} did not appear within {waited:?}; check that the volume is attached to this node",
-        path.display()
+        "no disk with serial {serial}{} appeared in {} within {} (looked for {}); this node has: {}; check that the volume is attached to this node (lunanode-csi volume info <volume>) and the attach target (--attach-target, the chart's controller.attachTarget)",
+        identification.as_deref().filter(|i| *i != serial.as_str()).map(|i| format!(" (identification {i})")).unwrap_or_default(),
+        dir.display(),
+        seconds(*waited),
+        looked_for.join(", "),
+        present.join("; ")
     )]
     DeviceNotFound {
+        /// The serial looked for (the first 20 characters of the identification).
         serial: String,
-        path: PathBuf,
+        /// The whole identification, when it was known.
+        identification: Option<String>,
+        /// The by-id directory.
+        dir: PathBuf,
+        /// Every name looked for ([`device::candidate_names`]).
+        looked_for: Box<[String]>,
+        /// How long it waited.
         waited: Duration,
+        /// What the directory holds: one entry per whole disk, `name → /dev/x (size, serial)`
+        /// (at most [`device::LISTED_ENTRIES`], then "and N more").
+        present: Box<[String]>,
     },
     /// The device found is not the volume we were asked for; it is left untouched.
     #[error("device {} does not match the volume: {reason}; refusing to use it", device.display())]
@@ -77,6 +93,16 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A wait for people: `60s`, `1.5s`.
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if (s - s.round()).abs() < 0.05 {
+        format!("{}s", s.round())
+    } else {
+        format!("{s:.1}s")
+    }
 }
 
 impl VolumeError {

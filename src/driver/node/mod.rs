@@ -1,10 +1,12 @@
 //! The CSI Node service: runs on every Kubernetes node, privileged, and touches real disks.
 //!
-//! The rules it keeps (see `shared/field-notes.md`): the disk is found only through its
-//! virtio serial link and verified (block device, expected size) before anything is done to
-//! it; it is formatted only when a probe positively reports it blank; an existing filesystem
-//! of another type, a partition table, or a mount of another device at the target is refused
-//! and left untouched; a filesystem smaller than its device is grown at stage and expand.
+//! The rules it keeps (see `shared/field-notes.md`): the disk is found only through the
+//! by-id links udev makes from its serial (on whichever bus it came) and verified (one
+//! device behind them all, block device, expected size, kernel serial) before anything is
+//! done to it; it is formatted only when a probe positively reports it blank; an existing
+//! filesystem of another type, a partition table, or a mount of another device at the
+//! target is refused and left untouched; a filesystem smaller than its device is grown at
+//! stage and expand.
 //!
 //! OS work runs on blocking threads, each holding the volume's in-flight guard until it ends
 //! (even when the RPC is cancelled), so two operations on one volume never overlap.
@@ -52,8 +54,13 @@ use request::{Access, check_capability, disk_ref, published_path};
 use stage::{find_disk, stage_mount, unstage};
 use stats::{abnormal, no_block_device, volume_stats};
 
-/// publish_context key (set by ControllerPublishVolume): the disk's virtio serial.
+/// publish_context key (set by ControllerPublishVolume): the disk's serial, the first 20
+/// characters of the volume's identification.
 pub const CTX_SERIAL: &str = "serial";
+/// publish_context key (set by ControllerPublishVolume, optional): the volume's whole
+/// identification. With it, SCSI disks carrying the whole identification as their serial
+/// are found too; without it the node works from [`CTX_SERIAL`] alone.
+pub const CTX_IDENTIFICATION: &str = "identification";
 /// publish_context key (set by ControllerPublishVolume): the volume's size in bytes.
 pub const CTX_SIZE_BYTES: &str = "size_bytes";
 /// Where udev links disks by serial.
@@ -73,7 +80,8 @@ pub struct NodeConfig {
     /// optional: a node without it would leave every claim for it Pending (see
     /// [`super::node_id::resolve_region`]).
     pub region: String,
-    /// Where `virtio-<serial>` links are found (`/dev/disk/by-id`).
+    /// Where udev's by-id links are found (`/dev/disk/by-id`); see
+    /// [`crate::volumes::device::candidate_names`] for the names looked for.
     pub by_id_dir: PathBuf,
     /// Reported as `max_volumes_per_node`; must be positive (0 would mean "unlimited").
     pub max_volumes_per_node: i64,
@@ -242,7 +250,9 @@ impl Node for NodeService {
                 Access::Mount { options, .. } => {
                     flags |= options.per_mount_flags();
                     // The serial, when given, double-checks what is staged.
-                    let disk = if req.publish_context.contains_key(CTX_SERIAL) {
+                    let disk = if req.publish_context.contains_key(CTX_SERIAL)
+                        || req.publish_context.contains_key(CTX_IDENTIFICATION)
+                    {
                         Some(disk_ref(&req.publish_context)?)
                     } else {
                         None

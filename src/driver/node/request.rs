@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use super::{CTX_SERIAL, CTX_SIZE_BYTES};
+use super::{CTX_IDENTIFICATION, CTX_SERIAL, CTX_SIZE_BYTES};
 use crate::csi::VolumeCapability;
 use crate::csi::volume_capability::{AccessType, access_mode::Mode};
 use crate::driver::error::{Error, Result};
 use crate::driver::validate::required;
 use crate::volumes::mount::MountOptions;
-use crate::volumes::{device, fs};
+use crate::volumes::{DiskId, device, fs};
 
 /// A required path: absolute, no `..` components, no NUL.
 pub fn check_path(field: &str, value: &str) -> Result<PathBuf> {
@@ -108,18 +108,35 @@ pub(super) fn check_capability(cap: Option<&VolumeCapability>) -> Result<Capabil
     })
 }
 
-/// Which disk the controller attached: serial and size from the publish_context.
+/// Which disk the controller attached: serial, identification (when given) and size from
+/// the publish_context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct DiskRef {
-    pub(super) serial: String,
+    /// What to look for: the serial (first 20 characters of the identification) and the
+    /// whole identification when the controller passed it.
+    pub(super) id: DiskId,
     pub(super) size: u64,
 }
 
+/// A publish_context value, trimmed; absent when missing or empty.
+fn ctx_value<'a>(ctx: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+    ctx.get(key).map(|s| s.trim()).filter(|s| !s.is_empty())
+}
+
 pub(super) fn disk_ref(ctx: &HashMap<String, String>) -> Result<DiskRef> {
-    let serial = ctx
-        .get(CTX_SERIAL)
-        .map(|s| device::serial_for(s.trim()))
-        .filter(|s| !s.is_empty())
+    let identification = ctx_value(ctx, CTX_IDENTIFICATION);
+    if let Some(i) = identification
+        && !device::valid_serial(i)
+    {
+        return Err(Error::invalid(format!(
+            "publish_context {CTX_IDENTIFICATION:?} {i:?} is not a valid volume identification"
+        )));
+    }
+    // The serial is the identification's first 20 characters; a controller that passes only
+    // the identification is understood too.
+    let serial = ctx_value(ctx, CTX_SERIAL)
+        .or(identification)
+        .map(device::serial_for)
         .ok_or_else(|| {
             Error::invalid(format!(
                 "publish_context has no {CTX_SERIAL:?}; it is set by ControllerPublishVolume"
@@ -127,9 +144,21 @@ pub(super) fn disk_ref(ctx: &HashMap<String, String>) -> Result<DiskRef> {
         })?;
     if !device::valid_serial(&serial) {
         return Err(Error::invalid(format!(
-            "publish_context {CTX_SERIAL:?} {serial:?} is not a valid virtio serial"
+            "publish_context {CTX_SERIAL:?} {serial:?} is not a valid disk serial"
         )));
     }
+    if let Some(i) = identification
+        && device::serial_for(i) != serial
+    {
+        return Err(Error::invalid(format!(
+            "publish_context {CTX_SERIAL:?} {serial:?} is not the first {} characters of {CTX_IDENTIFICATION:?} {i:?}",
+            device::SERIAL_LEN
+        )));
+    }
+    let id = DiskId {
+        serial,
+        identification: identification.map(str::to_string),
+    };
     let size = ctx
         .get(CTX_SIZE_BYTES)
         .ok_or_else(|| {
@@ -146,7 +175,7 @@ pub(super) fn disk_ref(ctx: &HashMap<String, String>) -> Result<DiskRef> {
                 "publish_context {CTX_SIZE_BYTES:?} must be a positive decimal number"
             ))
         })?;
-    Ok(DiskRef { serial, size })
+    Ok(DiskRef { id, size })
 }
 
 #[cfg(test)]
@@ -240,11 +269,47 @@ mod tests {
             ])
         };
         let d = disk_ref(&ctx("6a3b1f0e-2c4d-4e5f-8a9b-0c1d2e3f4a5b", "1073741824")).unwrap();
-        assert_eq!(d.serial, "6a3b1f0e-2c4d-4e5f-8");
+        assert_eq!(d.id.serial, "6a3b1f0e-2c4d-4e5f-8");
+        assert_eq!(d.id.identification, None);
         assert_eq!(d.size, 1 << 30);
         assert!(disk_ref(&ctx("../../etc", "1")).is_err());
         assert!(disk_ref(&ctx("abc", "0")).is_err());
         assert!(disk_ref(&ctx("abc", "1G")).is_err());
         assert!(disk_ref(&HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn the_identification_is_accepted_beside_the_serial() {
+        let ident = "6a3b1f0e-2c4d-4e5f-8a9b-0c1d2e3f4a5b";
+        let ctx = |pairs: &[(&str, &str)]| {
+            let mut m = HashMap::from([(CTX_SIZE_BYTES.to_string(), "1024".to_string())]);
+            m.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            m
+        };
+        let both = disk_ref(&ctx(&[
+            (CTX_SERIAL, "6a3b1f0e-2c4d-4e5f-8"),
+            (CTX_IDENTIFICATION, ident),
+        ]))
+        .unwrap();
+        assert_eq!(both.id.serial, "6a3b1f0e-2c4d-4e5f-8");
+        assert_eq!(both.id.identification.as_deref(), Some(ident));
+        // Only the identification: the serial is derived from it.
+        let only = disk_ref(&ctx(&[(CTX_IDENTIFICATION, ident)])).unwrap();
+        assert_eq!(only, both);
+        // An empty identification is no identification.
+        let empty = disk_ref(&ctx(&[(CTX_SERIAL, "abc"), (CTX_IDENTIFICATION, " ")])).unwrap();
+        assert_eq!(empty.id.identification, None);
+        // They must agree, and neither may escape the by-id directory.
+        for bad in [
+            ctx(&[
+                (CTX_SERIAL, "ffffffff-2c4d-4e5f-8"),
+                (CTX_IDENTIFICATION, ident),
+            ]),
+            ctx(&[(CTX_SERIAL, "abc"), (CTX_IDENTIFICATION, "abc/../../x")]),
+            ctx(&[(CTX_IDENTIFICATION, "../etc")]),
+        ] {
+            let e = disk_ref(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
     }
 }

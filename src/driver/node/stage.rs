@@ -19,10 +19,19 @@ pub(super) fn describe(m: &MountInfo) -> String {
 pub(super) fn find_disk(cfg: &NodeConfig, disk: &DiskRef) -> Result<Device, VolumeError> {
     device::find(
         &cfg.by_id_dir,
-        &disk.serial,
+        &disk.id,
         Some(disk.size),
         &DeviceWait::with_timeout(cfg.device_wait),
     )
+}
+
+/// Whether `staging` holds this node's note of an interrupted format of this disk. The note
+/// names the by-id link the disk was found through then; a disk with several names may be
+/// found through another one now, so any of its candidate links counts.
+fn interrupted_here(staging: &Path, dev: &Device) -> bool {
+    std::iter::once(&dev.link)
+        .chain(&dev.links)
+        .any(|link| fs::interrupted_format(staging, link))
 }
 
 pub(super) fn stage_mount(
@@ -87,9 +96,7 @@ pub(super) fn stage_mount(
         // This node's own mkfs was killed half-way (the note it left says so): the data is
         // nothing but that mkfs's, so formatting again loses nothing.
         Err(VolumeError::NotBlank { what, .. })
-            if what == probe::DATA_WITHOUT_SIGNATURE
-                && !ro
-                && fs::interrupted_format(staging, &dev.link) =>
+            if what == probe::DATA_WITHOUT_SIGNATURE && !ro && interrupted_here(staging, dev) =>
         {
             tracing::warn!(device = %dev.path.display(), "an earlier format of this device was interrupted; formatting it again");
             Probe::Blank
@@ -102,7 +109,7 @@ pub(super) fn stage_mount(
         {
             // blkid names it but the kernel will never mount it. Redone only when it is
             // this node's own interrupted format; anything else is somebody's data.
-            if ro || !fs::interrupted_format(staging, &dev.link) {
+            if ro || !interrupted_here(staging, dev) {
                 return Err(VolumeError::NotBlank {
                     device: dev.path.clone(),
                     what: format!(
