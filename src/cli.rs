@@ -62,10 +62,10 @@ pub enum Command {
     /// List and delete images (what `snapshot replicate` makes).
     #[command(subcommand)]
     Image(crate::ops::ImageCommand),
-    // TEMP /// Prove an account and this node before the first claim: credentials and clock, this
-    // TEMP /// VM in the install's region, then a labelled test volume created, attached, found by
-    // TEMP /// its serial, formatted, mounted, written, read back and removed. Run as root on a node.
-    // TEMP Preflight(crate::preflight::PreflightArgs),
+    /// Prove an account and this node before the first claim: credentials and clock, this
+    /// VM in the install's region, then a labelled test volume created, attached, found by
+    /// its serial, formatted, mounted, written, read back and removed. Run as root on a node.
+    Preflight(crate::preflight::PreflightArgs),
 }
 
 /// Which CSI services this process offers.
@@ -320,6 +320,9 @@ pub fn main() -> ExitCode {
     // The demo prints its own story; the driver's per-RPC logs would drown it.
     let level = match &cli.command {
         Command::Demo(d) if !d.verbose => "warn",
+        // Its report says what failed; the driver's own warnings (retries while a killed
+        // run's volume settles) would only repeat it.
+        Command::Preflight(p) if !p.verbose => "error",
         _ => &cli.log_level,
     };
     telemetry::init(cli.log_format, level);
@@ -361,7 +364,7 @@ async fn run(command: Command) -> Result<(), CommandError> {
         Command::Snapshot(c) => crate::ops::snapshot(c).await,
         Command::Vm(c) => crate::ops::vm(c).await,
         Command::Image(c) => crate::ops::image(c).await,
-        // TEMP Command::Preflight(args) => crate::preflight::run(args).await,
+        Command::Preflight(args) => crate::preflight::run(args).await,
     }
 }
 

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod lunanode;
 pub mod metrics;
 pub mod ops;
+pub mod preflight;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

@@ -727,7 +727,7 @@ async fn bad_signatures_and_credentials_are_refused() {
         assert_eq!(msg, "authentication failed: invalid signature");
         assert!(matches!(
             ApiError::from_cloud_message("x", &msg),
-            ApiError::Auth { .. }
+            ApiError::Signature { .. }
         ));
     };
     let req = api.req_json(&[("region", "toronto"), ("label", "x"), ("size", "1")]);

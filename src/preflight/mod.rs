@@ -93,6 +93,9 @@ pub struct PreflightArgs {
     /// Print one JSON document instead of lines.
     #[arg(long)]
     pub json: bool,
+    /// Also log what the driver's code does on the way (its `info` logs, on stderr).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// The label prefix of this node's preflight volumes: a preflight removes only its own
@@ -138,7 +141,19 @@ pub async fn run(args: PreflightArgs) -> Result<(), CommandError> {
             });
         }
     }
-    run.clean_up().await;
+    tokio::select! {
+        () = run.clean_up() => {}
+        signal = interrupted() => {
+            report.line(Line {
+                check: "clean-up".into(),
+                status: Status::Failed,
+                detail: format!("a second {signal}: stopped cleaning up"),
+                fix: Some("run preflight again on this node: it removes its own leftovers first".into()),
+                seconds: 0.0,
+            });
+            report.with(|s| s.left_behind.push("whatever the interrupted clean-up had not removed".into()));
+        }
+    }
     if client.old_rules() {
         report.with(|s| s.api_rules = "old".into());
     }
@@ -315,9 +330,15 @@ impl Run {
         let prefix = label_prefix(&node_id);
         if self
             .check("leftovers of earlier preflights", async {
+                // A killed run's mount first: its volume cannot be detached under it.
+                let work = self.args.work_dir.clone();
+                let mounts = self.node_op(move || unmount_under(&work)).await.unwrap_or_default();
                 match self.sweep(&prefix).await {
-                    Ok(removed) if removed.is_empty() => Ok(((), "none".to_string())),
-                    Ok(removed) => Ok(((), format!("removed {}", removed.join(", ")))),
+                    Ok(removed) if removed.is_empty() && mounts.is_empty() => Ok(((), "none".to_string())),
+                    Ok(mut removed) => {
+                        removed.extend(mounts.into_iter().map(|m| format!("mount {m}")));
+                        Ok(((), format!("removed {}", removed.join(", "))))
+                    }
                     Err(e) => Err((e, "remove them with `lunanode-csi volume detach/delete`, or run preflight again".into())),
                 }
             })
@@ -410,23 +431,19 @@ impl Run {
                 };
                 let dir = by_id.clone();
                 let found = self
-                    .node_op(move || {
-                        let dev = device::find(&dir, &id, None, &wait)?;
-                        let names = device::aliases(&dir, dev.rdev);
-                        Ok::<_, crate::volumes::VolumeError>((dev, names))
-                    })
+                    .node_op(move || device::find(&dir, &id, None, &wait))
                     .await
                     .map_err(|e| (e, String::new()))?;
                 match found {
-                    Ok((dev, names)) => {
-                        let rule = serial_rule(&dev.link, &serial, identification.as_deref());
+                    Ok(dev) => {
                         let detail = format!(
-                            "{} under {}; {rule}",
-                            dev.path.display(),
-                            names.join(", ")
+                            "{}; by-id names: {}; {}",
+                            dev.describe(),
+                            dev.aliases.join(", "),
+                            bus_advice(dev.found_as.as_ref())
                         );
                         self.report.with(|s| {
-                            s.disk_names = names.clone();
+                            s.disk_names = dev.aliases.clone();
                             s.device = Some(dev.path.display().to_string());
                         });
                         Ok((dev, detail))
@@ -617,23 +634,7 @@ impl Run {
             };
             let controller = self.controller(&region);
             let id = format!("{region}/{}", v.id);
-            let unpublish = ControllerUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            };
-            let result = match controller
-                .controller_unpublish_volume(Request::new(unpublish))
-                .await
-            {
-                Ok(_) => controller
-                    .delete_volume(Request::new(DeleteVolumeRequest {
-                        volume_id: id.clone(),
-                        ..Default::default()
-                    }))
-                    .await
-                    .map(drop),
-                Err(s) => Err(s),
-            };
+            let result = self.remove(&controller, &id).await;
             match result {
                 Ok(()) => removed.push(format!("volume {id} ({})", v.name)),
                 Err(s) => failed.push(format!("volume {id} ({}): {}", v.name, status_text(&s))),
@@ -643,6 +644,48 @@ impl Run {
             Ok(removed)
         } else {
             Err(format!("could not remove {}", failed.join("; ")))
+        }
+    }
+
+    /// Detach and delete one volume, waiting out a transition an interrupted run left it in
+    /// (the driver answers ABORTED while the cloud is still attaching it).
+    async fn remove(
+        &self,
+        controller: &crate::driver::ControllerService,
+        id: &str,
+    ) -> Result<(), tonic::Status> {
+        let deadline = Instant::now() + Duration::from_secs(self.args.step_timeout_secs);
+        loop {
+            let unpublish = ControllerUnpublishVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            };
+            let result = match controller
+                .controller_unpublish_volume(Request::new(unpublish))
+                .await
+            {
+                Ok(_) => controller
+                    .delete_volume(Request::new(DeleteVolumeRequest {
+                        volume_id: id.to_string(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map(drop),
+                Err(s) => Err(s),
+            };
+            match result {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Aborted
+                            | tonic::Code::Unavailable
+                            | tonic::Code::FailedPrecondition
+                    ) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -718,34 +761,19 @@ async fn interrupted() -> &'static str {
     }
 }
 
-/// Which naming rule the disk was found by, said plainly.
-fn serial_rule(link: &Path, serial: &str, identification: Option<&str>) -> String {
-    let name = link
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let full = identification.is_some_and(|i| i.len() > serial.len() && name.ends_with(i));
-    let bus = if name.starts_with("virtio-") {
-        "virtio"
-    } else if name.starts_with("ata-") || name.contains("ATA_") {
-        "IDE/SATA"
-    } else {
-        "SCSI"
-    };
-    let which = if full {
-        "the whole identification".to_string()
-    } else {
-        format!(
-            "the first {} characters of the identification",
-            serial.chars().count()
-        )
-    };
-    if bus == "virtio" && !full {
-        format!("the serial rule held: virtio-<{which}>")
-    } else {
-        format!(
-            "found on the {bus} bus under {name} (serial = {which}), not as virtio-<first 20 characters>; the driver finds it there too, and --attach-target /dev/vda asks for virtio"
-        )
+/// Whether the disk came as the driver first assumed (`virtio-<first 20 characters>`), and
+/// what to change when it did not.
+fn bus_advice(found_as: Option<&device::Candidate>) -> String {
+    match found_as {
+        Some(c) if c.bus == device::Bus::VirtioBlk => {
+            "the virtio serial rule held (virtio-<first 20 characters of the identification>)"
+                .to_string()
+        }
+        Some(c) => format!(
+            "it came on the {} bus, not as virtio-<first 20 characters>: the driver finds it there too; --attach-target /dev/vda (the chart's controller.attachTarget) asks for virtio",
+            c.bus
+        ),
+        None => "found by its link".to_string(),
     }
 }
 
@@ -825,25 +853,19 @@ mod tests {
     }
 
     #[test]
-    fn the_serial_rule_is_reported_by_the_name_found() {
-        let s = "6a3b1f0e-2c4d-4e5f-8";
+    fn the_bus_the_disk_came_on_is_said_plainly() {
         let id = "6a3b1f0e-2c4d-4e5f-8a9b-0c1d2e3f4a5b";
-        let r = serial_rule(Path::new("/d/virtio-6a3b1f0e-2c4d-4e5f-8"), s, Some(id));
-        assert!(r.starts_with("the serial rule held"), "{r}");
-        let r = serial_rule(
-            Path::new("/d/ata-QEMU_HARDDISK_6a3b1f0e-2c4d-4e5f-8"),
-            s,
-            Some(id),
-        );
-        assert!(r.contains("IDE/SATA") && r.contains("/dev/vda"), "{r}");
-        let r = serial_rule(
-            Path::new(&format!("/d/scsi-0QEMU_QEMU_HARDDISK_{id}")),
-            s,
-            Some(id),
-        );
+        let names = device::candidate_names(&device::serial_for(id), Some(id));
+        let virtio = names
+            .iter()
+            .find(|c| c.bus == device::Bus::VirtioBlk)
+            .unwrap();
+        assert!(bus_advice(Some(virtio)).contains("rule held"));
+        let ata = names.iter().find(|c| c.bus == device::Bus::Ata).unwrap();
+        let said = bus_advice(Some(ata));
         assert!(
-            r.contains("SCSI") && r.contains("whole identification"),
-            "{r}"
+            said.contains("/dev/vda") && said.contains("not as virtio"),
+            "{said}"
         );
     }
 

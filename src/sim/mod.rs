@@ -1123,7 +1123,7 @@ mod tests {
     fn fixed_messages_classify() {
         use crate::lunanode::ApiError;
         let c = |m: &str| ApiError::from_cloud_message("volume/x", m);
-        assert!(matches!(c(AUTH_ERROR), ApiError::Auth { .. }));
+        assert!(matches!(c(AUTH_ERROR), ApiError::Signature { .. }));
         assert!(matches!(c(RATE_LIMIT_ERROR), ApiError::Throttled { .. }));
         assert!(matches!(c(TRANSIENT_ERROR), ApiError::Transient { .. }));
         assert!(matches!(

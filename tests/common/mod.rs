@@ -251,12 +251,42 @@ impl Harness {
             .clone()
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        if let Some(sim) = &self.sim {
+            assert_wire_as_the_cloud_accepts(sim, lunanode_csi::driver::ATTACH_TARGET);
+        }
+        self.stop_unchecked().await;
+    }
+
+    /// Stop without checking the recorded requests (for tests that set another attach
+    /// target, or send raw requests of their own).
+    pub async fn stop_unchecked(mut self) {
         self.served.stop().await;
         if let Some(sim) = self.sim.take() {
             sim.shutdown().await;
         }
     }
+}
+
+/// What the simulator recorded of the driver's requests holds to what the real cloud is
+/// known to accept: every `req` ASCII (Luna Node refuses the signature of raw UTF-8), and
+/// every `volume/attach` on the bus the driver is configured for (by default virtio, never
+/// the undocumented `auto`). Every test that stops its [`Harness`] checks it, so the whole
+/// controller suite runs through it.
+pub fn assert_wire_as_the_cloud_accepts(sim: &SimHandle, attach_target: &str) {
+    let requests = sim.requests();
+    let raw: Vec<_> = requests.iter().filter(|r| !r.ascii).collect();
+    assert!(raw.is_empty(), "requests with non-ASCII req: {raw:?}");
+    let targets: Vec<_> = requests
+        .iter()
+        .filter(|r| r.handler == "volume/attach")
+        .map(|r| r.params.get("target").cloned().unwrap_or_default())
+        .filter(|t| t != attach_target)
+        .collect();
+    assert!(
+        targets.is_empty(),
+        "volume/attach targets other than {attach_target}: {targets:?}"
+    );
 }
 
 pub fn mount_cap(fs: &str) -> VolumeCapability {

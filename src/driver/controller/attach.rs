@@ -6,9 +6,7 @@ use super::Inner;
 use super::wait::{Deadline, WaitKind};
 use crate::csi::*;
 use crate::driver::error::Error;
-use crate::driver::node::{CTX_SERIAL, CTX_SIZE_BYTES};
-// TEMP until the node module defines it.
-const CTX_IDENTIFICATION: &str = "identification";
+use crate::driver::node::{CTX_IDENTIFICATION, CTX_SERIAL, CTX_SIZE_BYTES};
 use crate::driver::validate;
 use crate::lunanode::{ApiError, Readiness, Volume as CloudVolume};
 
