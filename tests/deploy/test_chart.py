@@ -13,6 +13,7 @@ import importlib.util
 import json
 import posixpath
 import re
+import subprocess
 from pathlib import Path
 
 import helm_python
@@ -62,7 +63,13 @@ DRIVER_FLAGS = {
     "--endpoint", "--mode", "--api-id-file", "--api-key-file", "--api-url",
     "--default-region", "--region", "--node-id", "--node-id-source", "--by-id-dir",
     "--max-volumes-per-node", "--log-format", "--log-level", "--metrics-addr",
-    "--qps", "--burst", "--api-max-in-flight", "--api-nonce",
+    "--qps", "--burst", "--api-max-in-flight", "--api-nonce", "--attach-target",
+}
+
+# `lunanode-csi preflight`'s flags, as the `helm test` pod may pass them.
+PREFLIGHT_FLAGS = {
+    "--api-id-file", "--api-key-file", "--api-url", "--api-nonce", "--attach-target",
+    "--node-id-source", "--region", "--by-id-dir", "--fs-type", "--device-wait-secs",
 }
 
 # What each sidecar needs from the Kubernetes API: (apiGroup, resource) -> verbs.
@@ -407,6 +414,10 @@ def test_objects_are_unique_and_namespaced_in_release(any_rendered):
     # Replaced by `region`: a leftover must fail, not be ignored.
     {"defaultRegion": "toronto"},
     {"node": {"region": "toronto"}},
+    {"controller": {"attachTarget": "/dev/vdb1"}},
+    {"controller": {"attachTarget": "vda"}},
+    {"preflightTest": {"fsType": "btrfs"}},
+    {"preflightTest": {"deviceWaitSeconds": 0}},
 ], ids=lambda v: json.dumps(v)[:60])
 def test_schema_rejects_bad_values(bad):
     with pytest.raises(helm_python.HelmValuesError):
@@ -642,6 +653,89 @@ def test_driver_uses_only_known_flags(any_rendered):
         assert c["args"][0] == "serve"
         unknown = set(flags(c)) - DRIVER_FLAGS
         assert not unknown, unknown
+
+
+# --------------------------------------------------------------------------- helm test (preflight)
+
+def preflight_pod(r: Rendered) -> dict:
+    pods = [o for o in r.of_kind("Pod") if o["metadata"]["name"].endswith("-preflight")]
+    assert len(pods) == 1, [o["metadata"]["name"] for o in r.of_kind("Pod")]
+    return pods[0]
+
+
+def test_attach_target_is_virtio_by_default_and_a_setting(default, custom):
+    assert flags(container(default.controller, "lunanode-csi"))["--attach-target"] == "/dev/vda"
+    r = render({"controller": {"attachTarget": "auto"}})
+    assert flags(container(r.controller, "lunanode-csi"))["--attach-target"] == "auto"
+    assert flags(preflight_pod(r)["spec"]["containers"][0])["--attach-target"] == "auto"
+
+
+def test_helm_test_runs_preflight_with_the_node_plugins_access_and_the_controllers_credentials(any_rendered):
+    pod = preflight_pod(any_rendered)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "before-hook-creation" in pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["automountServiceAccountToken"] is False
+    (c,) = spec["containers"]
+    assert c["args"][0] == "preflight"
+    f = flags(c)
+    assert set(f) <= PREFLIGHT_FLAGS, set(f) - PREFLIGHT_FLAGS
+    driver = container(any_rendered.controller, "lunanode-csi")
+    df = flags(driver)
+    # The controller's credentials, API and attach target.
+    for key in ("--api-id-file", "--api-key-file", "--api-url", "--api-nonce", "--attach-target"):
+        assert f.get(key) == df.get(key), key
+    ctrl_secret = [v for v in pod_spec(any_rendered.controller)["volumes"] if v["name"] == "credentials"]
+    test_secret = [v for v in spec["volumes"] if v["name"] == "credentials"]
+    assert test_secret == ctrl_secret
+    # The node plugin's access: privileged, the host's /dev and /run/udev, its ID source,
+    # network and by-id directory.
+    node = any_rendered.nodes[0]
+    nf = flags(container(node, "lunanode-csi"))
+    assert c["securityContext"]["privileged"] is True
+    for key in ("--node-id-source", "--by-id-dir"):
+        assert f.get(key) == nf.get(key), key
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert host["device-dir"] == mounts["device-dir"] == "/dev"
+    assert host["udev-dir"] == mounts["udev-dir"] == "/run/udev"
+    assert spec.get("hostNetwork", False) == pod_spec(node).get("hostNetwork", False)
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+    if len(any_rendered.nodes) == 1:
+        assert f["--region"] == nf["--region"]
+    else:
+        # Multi-region: the pod may land in any of them; the cloud's region is reported.
+        assert "--region" not in f
+
+
+def test_preflight_flags_are_the_binarys():
+    """Every flag the test pod may pass is one `lunanode-csi preflight` takes (when the
+    binary has been built, as `bash tests/run-all.sh` does before these checks)."""
+    binary = REPO / "target" / "debug" / "lunanode-csi"
+    if not binary.exists():
+        pytest.skip("the binary is not built")
+    out = subprocess.run([str(binary), "preflight", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    known = set(re.findall(r"(--[a-z][a-z-]+)", out))
+    assert PREFLIGHT_FLAGS <= known, PREFLIGHT_FLAGS - known
+
+
+def test_helm_test_can_be_pinned_or_turned_off():
+    r = render({"preflightTest": {"nodeName": "worker-3", "fsType": "xfs", "deviceWaitSeconds": 120}})
+    pod = preflight_pod(r)
+    assert pod["spec"]["nodeName"] == "worker-3"
+    f = flags(pod["spec"]["containers"][0])
+    assert (f["--fs-type"], f["--device-wait-secs"]) == ("xfs", "120")
+    off = render({"preflightTest": {"enabled": False}})
+    assert not [o for o in off.of_kind("Pod")]
+    assert "helm test" not in off.notes
+
+
+def test_plain_manifests_leave_the_helm_test_out():
+    docs = [d for d in yaml.safe_load_all(PLAIN_MANIFESTS.read_text()) if d]
+    assert not [d for d in docs if d["kind"] == "Pod"]
+    assert "`helm test`" in PLAIN_MANIFESTS.read_text()
 
 
 # --------------------------------------------------------------------------- controller
@@ -970,7 +1064,9 @@ def test_plain_manifests_match_a_fresh_render():
 def test_plain_manifests_are_the_default_render(default):
     docs = [d for d in yaml.safe_load_all(PLAIN_MANIFESTS.read_text()) if d]
     key = lambda o: (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])  # noqa: E731
-    assert sorted(docs, key=key) == sorted(default.objects, key=key)
+    installed = [o for o in default.objects
+                 if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    assert sorted(docs, key=key) == sorted(installed, key=key)
     for obj in docs:
         if obj["kind"] not in CRD_KINDS:
             kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
