@@ -162,8 +162,9 @@ pub enum VolumeCommand {
         /// The VM's ID (see `lunanode-csi vm list`).
         #[arg(long)]
         vm: String,
-        /// Device target; `auto` lets the cloud choose.
-        #[arg(long, default_value = "auto")]
+        /// The bus to attach on (volume/attach's `target`): `/dev/vda` virtio, as the
+        /// driver does; `/dev/sda` SCSI, `/dev/hda` IDE, `auto` (undocumented: may be IDE).
+        #[arg(long, env = "LUNANODE_ATTACH_TARGET", default_value = crate::driver::ATTACH_TARGET)]
         target: String,
         #[command(flatten)]
         common: Common,
@@ -430,6 +431,11 @@ pub async fn volume(cmd: VolumeCommand) -> Result<(), CommandError> {
             target,
             common,
         } => {
+            if !crate::driver::valid_attach_target(&target) {
+                return Err(CommandError::Config(format!(
+                    "--target {target:?} is not auto or a bus device such as /dev/vda (virtio), /dev/sda (SCSI) or /dev/hda (IDE)"
+                )));
+            }
             let client = common.api.client()?;
             client
                 .volume_attach(volume.id, &vm, &target)

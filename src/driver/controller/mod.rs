@@ -100,6 +100,9 @@ pub(crate) struct Inner {
     /// VM ID → region. A VM never changes region, so this never goes stale; a VM that is
     /// deleted is caught by the cloud when attaching to it.
     vm_regions: Mutex<HashMap<String, String>>,
+    /// The list has been seen calling a settled volume `active` (logged once: the operator
+    /// learns which of the documented vocabularies the cloud uses).
+    list_words_seen: std::sync::atomic::AtomicBool,
     /// Creates whose outcome is unknown, by name.
     intents: intents::Intents,
     /// Snapshot ID → when this process first saw it (the API gives no snapshot time).
@@ -120,6 +123,7 @@ impl ControllerService {
                 cfg,
                 inflight: InFlight::default(),
                 vm_regions: Mutex::new(HashMap::new()),
+                list_words_seen: std::sync::atomic::AtomicBool::new(false),
                 snapshot_first_seen: Mutex::new(HashMap::new()),
                 intents: intents::Intents::new(unknown_create_grace),
             }),

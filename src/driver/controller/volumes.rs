@@ -174,6 +174,16 @@ impl Inner {
         // the list has its own word for a settled volume (`active`, where `volume/info` says
         // `available` or `in-use`; `shared/lunanode-api.md`), so a wait on an attachment
         // asks `volume/info` once the list shows the volume settled.
+        if v.status == "active"
+            && !self
+                .list_words_seen
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(
+                volume_id = id,
+                "volume/list calls a settled volume `active` where volume/info says `available` or `in-use` (the two vocabularies the API docs show); waits on an attachment confirm with volume/info"
+            );
+        }
         if (v.status == "in-use" && v.attached_vm().is_none())
             || (attachment && v.status == "active")
         {
