@@ -73,7 +73,7 @@ pub enum Command {
 pub enum Mode {
     /// Identity, Controller and Node.
     All,
-    /// Identity and Controller (the Deployment).
+    /// Identity and Controller (the controller StatefulSet).
     Controller,
     /// Identity and Node (the DaemonSet).
     Node,

@@ -112,7 +112,7 @@ fn s(p: &Path) -> String {
 #[test]
 fn the_rendered_manifests_tell_every_component_the_region() {
     let node = driver_args("DaemonSet");
-    let ctrl = driver_args("Deployment");
+    let ctrl = driver_args("StatefulSet");
     assert_eq!(flag(&node, "--mode"), Some("node"));
     assert_eq!(flag(&node, "--region"), Some("toronto"), "{node:?}");
     assert_eq!(flag(&ctrl, "--mode"), Some("controller"));
@@ -150,10 +150,10 @@ async fn documented_install_provisions_attaches_and_mounts_a_claim() {
     std::fs::write(root.join("api-id"), cloud["api_id"].as_str().unwrap()).unwrap();
     std::fs::write(root.join("api-key"), cloud["api_key"].as_str().unwrap()).unwrap();
 
-    // The controller Deployment's driver container.
+    // The controller StatefulSet's driver container.
     let ctrl_sock = root.join("controller/csi.sock");
     let ctrl_args = with_flags(
-        &driver_args("Deployment"),
+        &driver_args("StatefulSet"),
         &[
             ("--endpoint", format!("unix://{}", s(&ctrl_sock))),
             ("--api-url", cloud["url"].as_str().unwrap().to_string()),

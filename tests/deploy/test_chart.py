@@ -190,7 +190,7 @@ class Rendered:
 
     @property
     def controller(self) -> dict:
-        return self.one("Deployment")
+        return self.one("StatefulSet")
 
     @property
     def node(self) -> dict:
@@ -361,7 +361,7 @@ def test_every_object_passes_kubernetes_schema(any_rendered, k8s_version):
         # strict: unknown fields are errors too.
         kubernetes_validate.validate(obj, k8s_version, strict=True)
         checked.add(obj["kind"])
-    expected = {"CSIDriver", "Deployment", "DaemonSet", "ServiceAccount", "ClusterRole",
+    expected = {"CSIDriver", "StatefulSet", "DaemonSet", "ServiceAccount", "ClusterRole",
                 "ClusterRoleBinding", "Role", "RoleBinding", "StorageClass"}
     assert expected <= checked, expected - checked
 
@@ -745,6 +745,94 @@ def test_controller_replicas(default, custom):
     assert custom.controller["spec"]["replicas"] == 1
 
 
+# What each controller sidecar is told, by default, for a cluster with hundreds of claims
+# (deploy/README.md, "Sidecar tuning"): {sidecar: {flag: value}}.
+SIDECAR_TUNING = {
+    "csi-provisioner": {"--kube-api-qps": "50", "--kube-api-burst": "100", "--worker-threads": "100",
+                        "--retry-interval-start": "1s", "--retry-interval-max": "1m"},
+    "csi-attacher": {"--kube-api-qps": "50", "--kube-api-burst": "100", "--worker-threads": "50",
+                     "--retry-interval-start": "1s", "--retry-interval-max": "1m"},
+    "csi-resizer": {"--kube-api-qps": "20", "--kube-api-burst": "50", "--workers": "20"},
+    "csi-snapshotter": {"--kube-api-qps": "20", "--kube-api-burst": "50", "--worker-threads": "20"},
+}
+LEASE_FLAGS = {"--leader-election-lease-duration": "15s", "--leader-election-renew-deadline": "10s",
+               "--leader-election-retry-period": "5s"}
+
+
+def test_sidecars_are_tuned_for_hundreds_of_claims(default):
+    for name, tuning in SIDECAR_TUNING.items():
+        f = flags(container(default.controller, name))
+        for flag, value in {**tuning, **LEASE_FLAGS, "--timeout": "60s"}.items():
+            assert f.get(flag) == value, (name, flag, f.get(flag))
+        assert "--leader-election" in f
+    # Not set where the sidecar's default is meant.
+    assert "--retry-interval-max" not in flags(container(default.controller, "csi-resizer"))
+    # The driver's own API rate is raised in step (100 claims: ~140 calls in ~5 s).
+    d = flags(container(default.controller, "lunanode-csi"))
+    assert (d["--qps"], d["--burst"]) == ("20", "40")
+
+
+def test_each_sidecar_is_settable_and_takes_extra_args():
+    r = render({"sidecars": {
+        "timeout": "90s",
+        "leaderElection": {"leaseDuration": "30s", "renewDeadline": None, "retryPeriod": "2s"},
+        "provisioner": {"kubeApiQps": 7.5, "workers": None, "timeout": "5m",
+                        "extraArgs": ["--feature-gates=ReleaseLeaderElectionOnExit=true"]},
+        "attacher": {"kubeApiBurst": None, "retryIntervalMax": None, "extraArgs": ["--max-grpc-log-length=100"]},
+        "resizer": {"workers": 3, "retryIntervalMax": "10m"},
+        "snapshotter": {"extraArgs": ["--automaxprocs"]},
+        "nodeDriverRegistrar": {"extraArgs": ["--health-port=9809"]},
+        "livenessProbe": {"extraArgs": ["--probe-timeout=3s"]},
+    }})
+    p = flags(container(r.controller, "csi-provisioner"))
+    assert (p["--kube-api-qps"], p["--timeout"]) == ("7.5", "5m")
+    assert "--worker-threads" not in p
+    assert p["--feature-gates"] in ("Topology=true", "ReleaseLeaderElectionOnExit=true")
+    args = container(r.controller, "csi-provisioner")["args"]
+    assert args[-1] == "--feature-gates=ReleaseLeaderElectionOnExit=true", args
+    assert p["--leader-election-lease-duration"] == "30s"
+    assert "--leader-election-renew-deadline" not in p
+    assert p["--leader-election-retry-period"] == "2s"
+    a = flags(container(r.controller, "csi-attacher"))
+    assert "--kube-api-burst" not in a and "--retry-interval-max" not in a
+    assert a["--timeout"] == "90s" and a["--max-grpc-log-length"] == "100"
+    z = flags(container(r.controller, "csi-resizer"))
+    assert (z["--workers"], z["--retry-interval-max"]) == ("3", "10m")
+    assert "--automaxprocs" in flags(container(r.controller, "csi-snapshotter"))
+    assert flags(container(r.node, "node-driver-registrar"))["--health-port"] == "9809"
+    for workload in (r.controller, r.node):
+        assert flags(container(workload, "liveness-probe"))["--probe-timeout"] == "3s"
+
+
+@pytest.mark.parametrize("bad", [
+    {"sidecars": {"provisioner": {"kubeApiQps": 0}}},
+    {"sidecars": {"attacher": {"workers": 0}}},
+    {"sidecars": {"leaderElection": {"leaseDuration": "15"}}},
+    {"sidecars": {"resizer": {"extraArgs": ["workers=3"]}}},
+    {"sidecars": {"snapshotter": {"threads": 3}}},
+], ids=lambda v: json.dumps(v)[:60])
+def test_sidecar_tuning_schema(bad):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(bad)
+
+
+def test_a_restarted_controller_keeps_its_leader_identity(default):
+    """The sidecars' leader-election identity is the pod's hostname. In a StatefulSet a
+    replaced pod keeps its name, so it renews its own Leases at once instead of waiting
+    for them to expire; pods start and are replaced in parallel, and a stopping pod has
+    the time the driver needs to finish its calls."""
+    ctrl = default.controller
+    assert ctrl["kind"] == "StatefulSet"
+    spec = ctrl["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["serviceName"]
+    pod = pod_spec(ctrl)
+    assert "hostname" not in pod and "subdomain" not in pod
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    assert not default.of_kind("Deployment")
+
+
 def test_controller_driver_args_and_credentials(rendered):
     ctrl = rendered.controller
     driver = container(ctrl, "lunanode-csi")
@@ -786,10 +874,12 @@ def test_chart_created_secret_carries_values():
 
 def test_controller_optional_driver_args(default, custom):
     args = flags(container(default.controller, "lunanode-csi"))
-    for absent in ("--api-url", "--qps", "--burst", "--api-max-in-flight", "--api-nonce", "--region",
-                   "--node-id"):
+    for absent in ("--api-url", "--api-max-in-flight", "--api-nonce", "--region", "--node-id"):
         assert absent not in args, absent
     assert args["--log-format"] == "json" and args["--log-level"] == "info"
+    # null keeps the driver's own default.
+    args = flags(container(render({"controller": {"qps": None, "burst": None}}).controller, "lunanode-csi"))
+    assert "--qps" not in args and "--burst" not in args
     args = flags(container(custom.controller, "lunanode-csi"))
     assert args["--api-url"] == "https://dynamic.lunanode.com/api"
     assert args["--qps"] == "5" and args["--burst"] == "10"
@@ -1072,7 +1162,7 @@ def test_plain_manifests_are_the_default_render(default):
             kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
     # Install order: RBAC and Secret before the workloads that use them.
     kinds = [d["kind"] for d in docs]
-    assert kinds.index("Secret") < kinds.index("Deployment")
+    assert kinds.index("Secret") < kinds.index("StatefulSet")
     assert max(i for i, k in enumerate(kinds) if k.startswith(("Cluster", "Role"))) < kinds.index("DaemonSet")
 
 

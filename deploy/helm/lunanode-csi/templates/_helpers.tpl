@@ -158,3 +158,43 @@ one `region`.
 {{- $default := include "lunanode-csi.defaultRegion" . -}}
 {{- (.Values.node.regions | default (list $default)) | toJson -}}
 {{- end }}
+
+{{/*
+The tuning flags of a controller sidecar (provisioner, attacher, resizer,
+snapshotter), from its block under `sidecars`: the CSI call timeout, the
+Kubernetes client rate, workers, retry intervals, the leader-election timings
+and extraArgs. A null value leaves the sidecar's own default.
+Arguments: s (the sidecar's values), le (sidecars.leaderElection), timeout
+(sidecars.timeout), workersFlag (the sidecar's name for its worker count).
+*/}}
+{{- define "lunanode-csi.sidecarTuning" -}}
+{{- $s := .s -}}
+- --timeout={{ default .timeout $s.timeout }}
+{{- if not (kindIs "invalid" $s.kubeApiQps) }}
+- --kube-api-qps={{ $s.kubeApiQps }}
+{{- end }}
+{{- if not (kindIs "invalid" $s.kubeApiBurst) }}
+- --kube-api-burst={{ $s.kubeApiBurst }}
+{{- end }}
+{{- if not (kindIs "invalid" $s.workers) }}
+- {{ .workersFlag }}={{ $s.workers }}
+{{- end }}
+{{- with $s.retryIntervalStart }}
+- --retry-interval-start={{ . }}
+{{- end }}
+{{- with $s.retryIntervalMax }}
+- --retry-interval-max={{ . }}
+{{- end }}
+{{- with .le.leaseDuration }}
+- --leader-election-lease-duration={{ . }}
+{{- end }}
+{{- with .le.renewDeadline }}
+- --leader-election-renew-deadline={{ . }}
+{{- end }}
+{{- with .le.retryPeriod }}
+- --leader-election-retry-period={{ . }}
+{{- end }}
+{{- with $s.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
