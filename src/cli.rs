@@ -253,6 +253,17 @@ impl ControllerArgs {
 /// Node settings.
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
+    #[command(flatten)]
+    pub place: NodePlaceArgs,
+    /// Volumes this node can attach: virtio disk slots minus the boot disk.
+    #[arg(long, env = "LUNANODE_MAX_VOLUMES_PER_NODE", default_value_t = 15)]
+    pub max_volumes_per_node: i64,
+}
+
+/// Which VM this node is, in which region, and where its disks appear: what the node plugin
+/// and `preflight` share.
+#[derive(Debug, Clone, Args)]
+pub struct NodePlaceArgs {
     /// This node's Luna Node VM ID (default: looked up as --node-id-source says).
     #[arg(long, env = "LUNANODE_NODE_ID")]
     pub node_id: Option<String>,
@@ -265,16 +276,14 @@ pub struct NodeArgs {
         default_value = "auto"
     )]
     pub node_id_source: NodeIdLookup,
-    /// This node's region, reported as topology. Required unless the node has API
-    /// credentials to ask the cloud (vm/info); without either the node does not start.
+    /// This node's region, reported as topology (`preflight` checks it against the cloud's).
+    /// Required unless the node has API credentials to ask the cloud (vm/info); without
+    /// either the node does not start.
     #[arg(long, env = "LUNANODE_REGION")]
     pub region: Option<String>,
     /// Where udev puts the disk links.
     #[arg(long, env = "LUNANODE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
     pub by_id_dir: PathBuf,
-    /// Volumes this node can attach: virtio disk slots minus the boot disk.
-    #[arg(long, env = "LUNANODE_MAX_VOLUMES_PER_NODE", default_value_t = 15)]
-    pub max_volumes_per_node: i64,
     /// How long NodeStageVolume waits for an attached disk to appear, in seconds.
     #[arg(long, env = "LUNANODE_DEVICE_WAIT_SECS", default_value_t = 60)]
     pub device_wait_secs: u64,
@@ -288,10 +297,11 @@ impl NodeArgs {
         regions: &[String],
         cloud: Option<&Client>,
     ) -> Result<NodeConfig, CommandError> {
+        let p = &self.place;
         let settings = IdentitySettings {
-            node_id: self.node_id.clone(),
-            lookup: self.node_id_source,
-            region: self.region.clone(),
+            node_id: p.node_id.clone(),
+            lookup: p.node_id_source,
+            region: p.region.clone(),
             regions: regions.to_vec(),
         };
         let id = node_id::resolve(&settings, cloud)
@@ -305,9 +315,9 @@ impl NodeArgs {
             "node identity"
         );
         Ok(NodeConfig {
-            by_id_dir: self.by_id_dir.clone(),
+            by_id_dir: p.by_id_dir.clone(),
             max_volumes_per_node: self.max_volumes_per_node,
-            device_wait: Duration::from_secs(self.device_wait_secs),
+            device_wait: Duration::from_secs(p.device_wait_secs),
             ..NodeConfig::new(id.node_id, id.region)
         })
     }
@@ -405,9 +415,9 @@ async fn serve(args: ServeArgs) -> Result<(), CommandError> {
             .first()
             .cloned()
             .ok_or_else(|| CommandError::Runtime("simulator started without a VM".into()))?;
-        node.node_id.get_or_insert(vm.id);
-        node.region.get_or_insert(vm.region);
-        node.by_id_dir = handle.by_id_dir.clone();
+        node.place.node_id.get_or_insert(vm.id);
+        node.place.region.get_or_insert(vm.region);
+        node.place.by_id_dir = handle.by_id_dir.clone();
         let creds = Credentials::new(&handle.api_id, &handle.api_key)
             .map_err(|e| CommandError::Runtime(e.to_string()))?;
         let client = args.api.client_with(creds, &handle.url, 0.0)?;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tonic::Request;
 
-use crate::cli::AttachArgs;
+use crate::cli::{AttachArgs, NodePlaceArgs};
 use crate::command::{ApiArgs, CommandError};
 use crate::csi::controller_server::Controller;
 use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
@@ -32,7 +32,7 @@ use crate::csi::{
     CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability,
 };
 use crate::driver::ControllerConfig;
-use crate::driver::node_id::{self, NodeIdLookup};
+use crate::driver::node_id;
 use crate::lunanode::{ApiError, Client};
 use crate::volumes::{DeviceWait, Probe, device, fs, mount, probe};
 use report::Report;
@@ -48,22 +48,8 @@ pub struct PreflightArgs {
     pub api: ApiArgs,
     #[command(flatten)]
     pub attach: AttachArgs,
-    /// This node's Luna Node VM ID (default: looked up as --node-id-source says).
-    #[arg(long, env = "LUNANODE_NODE_ID")]
-    pub node_id: Option<String>,
-    /// Where to look up the VM ID when --node-id is unset: `auto` (metadata service, else
-    /// SMBIOS), `metadata` or `smbios`.
-    #[arg(
-        long,
-        env = "LUNANODE_NODE_ID_SOURCE",
-        value_enum,
-        default_value = "auto"
-    )]
-    pub node_id_source: NodeIdLookup,
-    /// The region the install says this node is in (the chart's `region`); checked against
-    /// the cloud's. Unset: the cloud's is reported.
-    #[arg(long, env = "LUNANODE_REGION")]
-    pub region: Option<String>,
+    #[command(flatten)]
+    pub place: NodePlaceArgs,
     /// Regions the driver manages (comma-separated).
     #[arg(
         long,
@@ -72,12 +58,6 @@ pub struct PreflightArgs {
         default_value = "toronto,montreal,roubaix"
     )]
     pub regions: Vec<String>,
-    /// Where udev puts the disk links.
-    #[arg(long, env = "LUNANODE_BY_ID_DIR", default_value = "/dev/disk/by-id")]
-    pub by_id_dir: PathBuf,
-    /// How long to wait for the attached disk to appear, in seconds.
-    #[arg(long, env = "LUNANODE_DEVICE_WAIT_SECS", default_value_t = 60)]
-    pub device_wait_secs: u64,
     /// Filesystem to make on the test volume.
     #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs"])]
     pub fs_type: String,
@@ -276,8 +256,8 @@ impl Run {
         let Some(node_id) = self
             .check("this node's VM ID", async {
                 node_id::resolve_node_id(
-                    self.args.node_id.clone(),
-                    self.args.node_id_source,
+                    self.args.place.node_id.clone(),
+                    self.args.place.node_id_source,
                     node_id::DEFAULT_METADATA_URL,
                     Path::new(node_id::DEFAULT_DMI_PATH),
                 )
@@ -306,7 +286,7 @@ impl Run {
                         "the node ID must be this VM's Luna Node ID: set --node-id, or check that the credentials belong to the account that owns this VM".into(),
                     ));
                 };
-                match self.args.region.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+                match self.args.place.region.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
                     Some(r) if r != vm.region => Err((
                         format!("the install says region {r} but the cloud has VM {} ({}) in {}", vm.vm_id, vm.name, vm.region),
                         format!("set the chart's region (--region, LUNANODE_REGION) to {}", vm.region),
@@ -420,8 +400,8 @@ impl Run {
         let identification = context
             .get(crate::driver::node::CTX_IDENTIFICATION)
             .cloned();
-        let by_id = self.args.by_id_dir.clone();
-        let wait = DeviceWait::with_timeout(Duration::from_secs(self.args.device_wait_secs));
+        let by_id = self.args.place.by_id_dir.clone();
+        let wait = DeviceWait::with_timeout(Duration::from_secs(self.args.place.device_wait_secs));
         let expected = size_gb << 30;
         let Some(dev) = self
             .check("disk found on this node by its serial", async {
