@@ -7,6 +7,32 @@ use std::process::{Command, Stdio};
 
 use super::VolumeError;
 
+/// `tools.txt`: the external programs the node runs, one per line with the Debian package
+/// it comes from (`#` starts a comment). [`run`] starts no other program, and
+/// `deploy/image/rootfs.sh` ships exactly these in the image, so code that needs a new tool
+/// fails until it is listed here, and then the image carries it.
+pub const TOOLS_FILE: &str = include_str!("tools.txt");
+
+/// The programs listed in [`TOOLS_FILE`].
+pub fn tools() -> impl Iterator<Item = &'static str> {
+    TOOLS_FILE
+        .lines()
+        .filter_map(|l| l.split('#').next()?.split_whitespace().next())
+}
+
+/// Refuse a program that is not in [`TOOLS_FILE`]: the image would not have it.
+fn listed(program: &str) -> Result<(), VolumeError> {
+    if tools().any(|t| t == program) {
+        return Ok(());
+    }
+    Err(VolumeError::Command {
+        program: program.to_string(),
+        status: "not run".to_string(),
+        stderr: "not in src/volumes/tools.txt, the programs the node's image ships; list it there"
+            .to_string(),
+    })
+}
+
 /// What a finished program left behind.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -36,12 +62,15 @@ impl Output {
 }
 
 /// Run `program args...` to completion and capture its output, whatever its exit code.
-/// Fails only when the program cannot be started (e.g. it is not installed).
+/// Fails only when the program cannot be started (e.g. it is not installed) or is not one
+/// of [`tools`] (unit tests of this crate may run any program).
 pub fn run<I, S>(program: &str, args: I) -> Result<Output, VolumeError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    #[cfg(not(test))]
+    listed(program)?;
     let args: Vec<_> = args
         .into_iter()
         .map(|a| a.as_ref().to_os_string())
@@ -93,6 +122,22 @@ mod tests {
         let err = run_ok("sh", ["-c", "echo oops >&2; exit 3"]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("exit code 3") && msg.contains("oops"), "{msg}");
+    }
+
+    #[test]
+    fn only_listed_tools_are_run() {
+        let tools: Vec<_> = tools().collect();
+        assert!(
+            tools.contains(&"mkfs.ext4") && tools.contains(&"xfs_spaceman"),
+            "{tools:?}"
+        );
+        assert!(
+            !tools.iter().any(|t| t.contains('#') || *t == "program"),
+            "{tools:?}"
+        );
+        listed("blkid").unwrap();
+        let msg = listed("echo").unwrap_err().to_string();
+        assert!(msg.contains("echo") && msg.contains("tools.txt"), "{msg}");
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub fn parse_dumpe2fs(text: &str) -> Option<u64> {
     Some(field_u64(text, "Block count")? * field_u64(text, "Block size")?)
 }
 
-/// Filesystem size from `xfs_info` output: the `data` section's blocks × bsize.
+/// Filesystem size from `xfs_info` output (`xfs_spaceman -c info`): the `data` section's
+/// blocks × bsize.
 pub fn parse_xfs_info(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.trim_start().starts_with("data"))?;
     let mut bsize = None;
@@ -69,9 +70,19 @@ pub fn fs_size(fs_type: &str, device: &Path, mount_point: &Path) -> Result<u64, 
             ("dumpe2fs", out, size)
         }
         "xfs" => {
-            let out = cmd::run_ok("xfs_info", [mount_point.as_os_str()])?;
+            // What `xfs_info MOUNTPOINT` runs (xfs_info is a shell script; the image has none).
+            let out = cmd::run_ok(
+                "xfs_spaceman",
+                [
+                    OsStr::new("-p"),
+                    OsStr::new("xfs_info"),
+                    OsStr::new("-c"),
+                    OsStr::new("info"),
+                    mount_point.as_os_str(),
+                ],
+            )?;
             let size = parse_xfs_info(&out.stdout);
-            ("xfs_info", out, size)
+            ("xfs_spaceman", out, size)
         }
         other => return Err(unsupported(other)),
     };
