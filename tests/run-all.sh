@@ -38,3 +38,5 @@ cargo test --all-targets
 cargo test --doc --quiet
 echo "==> deploy/ chart tests"
 bash tests/deploy/run.sh
+echo "==> runtime image: deploy/image/rootfs.sh, checked and run in a chroot (tests/image/run.sh)"
+bash tests/image/run.sh

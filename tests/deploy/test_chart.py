@@ -1180,14 +1180,34 @@ def test_render_check_mode_detects_drift(tmp_path, monkeypatch):
 def test_dockerfile():
     text = (REPO / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
-    assert froms[0] == ("rust:1-bookworm", "builder")
-    assert froms[-1][0] == "debian:bookworm-slim"
+    # Three stages: build, assemble the root with deploy/image/rootfs.sh, and scratch + it.
+    assert froms == [("rust:1-bookworm", "builder"), ("debian:bookworm", "rootfs"), ("scratch", "")]
     assert BUILD_COMMAND in text
-    runtime = text[text.rindex("FROM debian:bookworm-slim"):]
-    for package in ("e2fsprogs", "xfsprogs", "util-linux", "ca-certificates", "mount"):
-        assert re.search(rf"\b{re.escape(package)}\b", runtime), package
-    assert re.search(r"COPY --from=builder \S+ /usr/local/bin/lunanode-csi", runtime)
+    assemble = text[text.index("FROM debian:bookworm AS rootfs"):text.index("FROM scratch")]
+    assert "COPY --from=builder /lunanode-csi /lunanode-csi" in assemble
+    assert re.search(r"^RUN .*\n?.*bash /src/deploy/image/rootfs\.sh /rootfs /lunanode-csi$",
+                     assemble, re.MULTILINE)
+    # What goes in is the script's alone: no package is installed in this stage itself.
+    assert "apt-get install" not in assemble
+    runtime = text[text.index("FROM scratch"):]
+    assert [l for l in runtime.splitlines() if l.startswith(("COPY", "RUN", "ADD"))] == [
+        "COPY --from=rootfs /rootfs/ /"]
+    assert "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in runtime
     assert 'ENTRYPOINT ["/usr/local/bin/lunanode-csi"]' in runtime
+
+
+def test_dockerfile_copies_what_the_build_context_holds():
+    text = (REPO / "Dockerfile").read_text()
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    for source in re.findall(r"^COPY (?!--from)(\S+) \S+$", text, re.MULTILINE):
+        if source == ".":
+            continue
+        assert (REPO / source).exists(), source
+        # .dockerignore leaves out deploy/ but for the image's script.
+        top = source.split("/")[0]
+        if f"{top}/*" in ignored or f"{top}/" in ignored:
+            assert any(source.startswith(l[1:].rstrip("/")) for l in ignored if l.startswith("!")), source
+    assert "!deploy/image/" in ignored
 
 
 def test_dockerfile_build_command_matches_docs():
