@@ -26,6 +26,11 @@ impl Observer {
         }
     }
 
+    /// The metrics calls are recorded in, if any.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+
     async fn rpc<T, F>(
         &self,
         method: &'static str,

@@ -363,7 +363,7 @@ impl Client {
     /// `volume/list`, optionally for one region. Without one, on an account on the old rules
     /// (see [`Self::old_rules`]), every region of [`ClientConfig::regions`] is listed in turn.
     pub async fn volume_list(&self, region: Option<&str>) -> Result<Vec<Volume>, ApiError> {
-        match region {
+        let vols = match region {
             Some(r) => self.volume_list_in(Some(r)).await,
             None if self.old_rules() => self.volume_list_each_region().await,
             None => match self.volume_list_in(None).await {
@@ -373,7 +373,11 @@ impl Client {
                 }
                 other => other,
             },
+        }?;
+        if let Some(m) = &self.metrics {
+            m.volumes_listed(&vols, region.is_none());
         }
+        Ok(vols)
     }
 
     async fn volume_list_in(&self, region: Option<&str>) -> Result<Vec<Volume>, ApiError> {
@@ -493,7 +497,11 @@ impl Client {
                 Repeat::Safe,
             )
             .await?;
-        reply::field("volume/info", &body, "volume")
+        let vol: Volume = reply::field("volume/info", &body, "volume")?;
+        if let Some(m) = &self.metrics {
+            m.volume_seen(&vol);
+        }
+        Ok(vol)
     }
 
     /// `volume/attach` with the given target: the bus, `/dev/vda` for virtio (see
@@ -552,6 +560,9 @@ impl Client {
             .lock()
             .expect("region cache lock")
             .remove(&volume_id);
+        if let Some(m) = &self.metrics {
+            m.volume_deleted(volume_id);
+        }
         Ok(())
     }
 

@@ -1,16 +1,24 @@
 //! Prometheus metrics: per-RPC counts, latencies and in-flight operations; Luna Node API
-//! requests by action and result, their latencies, retries and throttles; process metrics.
+//! requests by action and result, their latencies, retries and throttles; waits for the
+//! cloud and how long its transitions usually take; volumes attached to each VM as the cloud
+//! last showed them; the node's volume limit and the disks it refused to format; process
+//! metrics. docs/monitoring.md lists them all, with the alerts and the dashboard built on
+//! them.
 //!
 //! There is no global registry: `serve` makes one [`Metrics`] and hands an `Arc` of it to
 //! the services and the API client, so tests in one process can run many servers, each
 //! with its own numbers. Where no `Metrics` was handed over the hooks do nothing.
 //!
-//! Label values are bounded sets only (method, gRPC code, action, result): never volume
-//! IDs, names or anything from a request, which would be unbounded and may be sensitive.
+//! Label values are bounded sets (method, gRPC code, action, result, kind, reason) and VM
+//! IDs (`node_id`: as many as the account has VMs): never volume IDs, names or anything
+//! else from a request, which would be unbounded and may be sensitive.
 
+mod attached;
 mod http;
 mod process;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,7 +28,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::lunanode::ApiError;
+use crate::lunanode::{ApiError, Volume};
 
 pub use http::{CONTENT_TYPE, router, serve};
 
@@ -94,7 +102,30 @@ struct KindResult {
     transition: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeId {
+    node_id: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// `reason` of `csi_node_format_refusals_total`: the probe did not positively report the
+/// disk blank (a partition table, an unknown signature, data without a signature, an
+/// unfinished mkfs that is not this node's).
+pub const REFUSED_NOT_BLANK: &str = "not_blank";
+/// `reason` of `csi_node_format_refusals_total`: the disk holds a filesystem of another type
+/// than the one requested.
+pub const REFUSED_FOREIGN_FILESYSTEM: &str = "foreign_filesystem";
 
 /// The driver's metrics and the registry that exposes them.
 pub struct Metrics {
@@ -108,6 +139,10 @@ pub struct Metrics {
     api_throttled: Family<Action, Counter>,
     wait_duration: HistogramFamily<KindResult>,
     wait_polls: HistogramFamily<KindResult>,
+    transition_typical: Family<Kind, Gauge<f64, AtomicU64>>,
+    format_refusals: Family<Reason, Counter>,
+    node_max_volumes: Family<NodeId, Gauge>,
+    attached: Arc<attached::Attachments>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +170,10 @@ impl Metrics {
         let api_throttled = Family::<Action, Counter>::default();
         let wait_duration = HistogramFamily::<KindResult>::new_with_constructor(wait_histogram);
         let wait_polls = HistogramFamily::<KindResult>::new_with_constructor(poll_histogram);
+        let transition_typical = Family::<Kind, Gauge<f64, AtomicU64>>::default();
+        let format_refusals = Family::<Reason, Counter>::default();
+        let node_max_volumes = Family::<NodeId, Gauge>::default();
+        let attached = Arc::new(attached::Attachments::default());
         registry.register(
             "csi_rpc_requests",
             "CSI RPCs answered, by method and gRPC code",
@@ -180,6 +219,22 @@ impl Metrics {
             "Status checks (API calls) one wait for a cloud transition made, by kind, result and whether the call started the transition or joined it",
             wait_polls.clone(),
         );
+        registry.register(
+            "lunanode_transition_typical_seconds",
+            "What a cloud transition of this kind usually takes, as the controller has seen it: the median of the last 64 it started (each between the check that saw it pending and the one that saw it done); absent until 3 were seen",
+            transition_typical.clone(),
+        );
+        registry.register(
+            "csi_node_format_refusals",
+            "Disks NodeStageVolume refused to format because they are not provably blank, by reason (not_blank, foreign_filesystem)",
+            format_refusals.clone(),
+        );
+        registry.register(
+            "csi_node_max_volumes",
+            "Volumes this node can have attached (max_volumes_per_node, as reported to Kubernetes), by node_id (the node's VM ID)",
+            node_max_volumes.clone(),
+        );
+        registry.register_collector(Box::new(attached.clone()));
         registry.register_collector(Box::new(process::ProcessCollector));
         Metrics {
             registry,
@@ -192,6 +247,10 @@ impl Metrics {
             api_throttled,
             wait_duration,
             wait_polls,
+            transition_typical,
+            format_refusals,
+            node_max_volumes,
+            attached,
         }
     }
 
@@ -237,6 +296,19 @@ impl Metrics {
         }
     }
 
+    /// A wait for a cloud transition started. Its `timeout` series is made now, at 0, so
+    /// that a rule sees the first wait that gives up as an increase (a series that appears
+    /// with its first count does not show one).
+    pub fn wait_started(&self, kind: &'static str, started: bool) {
+        let transition = if started { "started" } else { "joined" };
+        let labels = KindResult {
+            kind,
+            result: "timeout",
+            transition,
+        };
+        let _ = self.wait_duration.get_or_create(&labels);
+    }
+
     /// A wait for a cloud transition ended.
     pub fn wait_finished(
         &self,
@@ -263,6 +335,47 @@ impl Metrics {
     /// An API request is about to be repeated.
     pub fn api_retry(&self, action: &'static str) {
         self.api_retries.get_or_create(&Action { action }).inc();
+    }
+
+    /// What transitions of `kind` usually take now, in seconds.
+    pub fn transition_typical(&self, kind: &'static str, seconds: f64) {
+        self.transition_typical
+            .get_or_create(&Kind { kind })
+            .set(seconds);
+    }
+
+    /// A Node service started on `node_id` with room for `max_volumes`. Its refusal
+    /// counters start at 0, so that the first refusal is an increase a rule can see.
+    pub fn node_started(&self, node_id: &str, max_volumes: i64) {
+        self.node_max_volumes
+            .get_or_create(&NodeId {
+                node_id: node_id.to_string(),
+            })
+            .set(max_volumes);
+        for reason in [REFUSED_NOT_BLANK, REFUSED_FOREIGN_FILESYSTEM] {
+            let _ = self.format_refusals.get_or_create(&Reason { reason });
+        }
+    }
+
+    /// NodeStageVolume refused to format a disk that is not provably blank.
+    pub fn format_refused(&self, reason: &'static str) {
+        self.format_refusals.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// The cloud listed these volumes; `complete`: every volume of the account (a
+    /// `volume/list` without a region), so volumes missing from it are gone.
+    pub fn volumes_listed(&self, volumes: &[Volume], complete: bool) {
+        self.attached.listed(volumes, complete);
+    }
+
+    /// The cloud described one volume (`volume/info`).
+    pub fn volume_seen(&self, volume: &Volume) {
+        self.attached.seen(volume);
+    }
+
+    /// A volume was deleted.
+    pub fn volume_deleted(&self, volume_id: u64) {
+        self.attached.deleted(volume_id);
     }
 }
 
@@ -405,6 +518,61 @@ mod tests {
             "process_start_time_seconds ",
         ] {
             assert!(line(&text, name).is_some(), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn records_transitions_nodes_refusals_and_attachments() {
+        let m = Metrics::new();
+        let text = m.encode();
+        // Nothing is said before it is known.
+        for absent in [
+            "lunanode_transition_typical_seconds{",
+            "csi_node_max_volumes{",
+            "csi_node_format_refusals_total{",
+            "lunanode_vm_volumes_attached{",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        m.transition_typical("attach", 2.5);
+        m.node_started("vm-1", 15);
+        m.wait_started("detach", true);
+        let text = m.encode();
+        for want in [
+            r#"lunanode_transition_typical_seconds{kind="attach"} 2.5"#,
+            // A wait under way: the series its timeout would count is there, at 0.
+            r#"csi_wait_duration_seconds_count{kind="detach",result="timeout",transition="started"} 0"#,
+            r#"csi_node_max_volumes{node_id="vm-1"} 15"#,
+            // Both reasons start at 0, so the first refusal is an increase.
+            r#"csi_node_format_refusals_total{reason="not_blank"} 0"#,
+            r#"csi_node_format_refusals_total{reason="foreign_filesystem"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
+        }
+        m.format_refused(REFUSED_FOREIGN_FILESYSTEM);
+        let attached = |id, vm: &str| Volume {
+            id,
+            identification: String::new(),
+            name: String::new(),
+            region: "toronto".into(),
+            size: 1,
+            status: "in-use".into(),
+            attached: vm.into(),
+            created: String::new(),
+            time_created: String::new(),
+        };
+        m.volumes_listed(&[attached(1, "vm-1")], true);
+        m.volume_seen(&attached(2, "vm-1"));
+        m.volume_deleted(1);
+        m.volume_seen(&attached(3, "vm-2"));
+        let text = m.encode();
+        for want in [
+            r#"csi_node_format_refusals_total{reason="foreign_filesystem"} 1"#,
+            r#"csi_node_format_refusals_total{reason="not_blank"} 0"#,
+            r#"lunanode_vm_volumes_attached{node_id="vm-1"} 1"#,
+            r#"lunanode_vm_volumes_attached{node_id="vm-2"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want} in\n{text}");
         }
     }
 

@@ -332,6 +332,18 @@ impl Estimator {
         self.samples.len()
     }
 
+    /// What a transition of this kind usually takes, in seconds: the median of the window's
+    /// brackets' midpoints (reported as `lunanode_transition_typical_seconds`). `None` while
+    /// fewer than [`Self::MIN_SAMPLES`] were recorded.
+    pub fn typical(&self) -> Option<f64> {
+        if self.samples.len() < Self::MIN_SAMPLES {
+            return None;
+        }
+        let mut mids: Vec<f64> = self.samples.iter().map(|s| (s.0 + s.1) / 2.0).collect();
+        mids.sort_by(f64::total_cmp);
+        Some(mids[mids.len() / 2])
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
@@ -748,6 +760,9 @@ impl Waits {
         Fut: Future<Output = Result<Option<T>, Error>>,
     {
         let start = Instant::now();
+        if let Some(m) = self.metrics.get() {
+            m.wait_started(kind.name(), fresh);
+        }
         let on_volume = !matches!(kind, WaitKind::Snapshot | WaitKind::Replicate);
         let _active = Active(on_volume.then(|| {
             self.volume_waits
@@ -779,6 +794,8 @@ impl Waits {
         // When the check about to be made was planned for (the immediate one: 0).
         let mut planned_at = Duration::ZERO;
         let mut polls: u32 = 0;
+        // What the kind's transitions usually take, with this one learnt.
+        let mut typical = None;
         // Each check's due and sent times, for the debug log.
         let mut trail: Vec<(u32, u32)> = Vec::new();
         let outcome = loop {
@@ -804,6 +821,7 @@ impl Waits {
                             e.spent(&planned, polls, took, &self.backoff, now);
                         }
                         e.observe(not_before, sent, now);
+                        typical = e.typical();
                     }
                     break Ok(v);
                 }
@@ -865,6 +883,9 @@ impl Waits {
                 Err(_) => "failed",
             };
             m.wait_finished(kind.name(), result, fresh, start.elapsed(), polls);
+            if let Some(t) = typical {
+                m.transition_typical(kind.name(), t);
+            }
         }
         outcome
     }
@@ -1102,6 +1123,21 @@ mod tests {
             assert!(pair[1] - pair[0] >= Duration::from_millis(100), "{times:?}");
         }
         assert!(times.len() >= 3, "{times:?}");
+    }
+
+    #[test]
+    fn the_typical_transition_is_the_median_bracket_once_enough_are_seen() {
+        let mut e = Estimator::default();
+        let ms = Duration::from_millis;
+        e.saw(ms(1000), ms(1200));
+        e.saw(ms(2000), ms(2200));
+        assert_eq!(e.typical(), None, "fewer than MIN_SAMPLES");
+        e.saw(ms(2900), ms(3100));
+        assert_eq!(e.typical(), Some(2.1));
+        // One stuck outlier does not move it far.
+        e.saw(ms(59_000), ms(60_000));
+        e.saw(ms(2000), ms(2000));
+        assert_eq!(e.typical(), Some(2.1));
     }
 
     #[test]

@@ -140,8 +140,10 @@ impl NodeService {
         })
     }
 
-    /// Record this service's RPCs in `metrics`.
+    /// Record this service's RPCs, its volume limit and the disks it refuses to format in
+    /// `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics.node_started(&self.cfg.node_id, self.cfg.max_volumes_per_node);
         self.obs = Observer::with_metrics(metrics);
         self
     }
@@ -195,13 +197,20 @@ impl Node for NodeService {
             let disk = disk_ref(&req.publish_context)?;
             let guard = self.lock(&req.volume_id)?;
             let cfg = Arc::clone(&self.cfg);
+            let metrics = self.obs.metrics().cloned();
             blocking(guard, move || {
                 let dev = find_disk(&cfg, &disk)?;
                 match cap.access {
                     // Raw block: nothing to prepare; the device was found and verified.
                     Access::Block => Ok(()),
                     Access::Mount { fs_type, options } => {
-                        stage_mount(&dev, &staging, &fs_type, &options, cap.read_only_mode)
+                        let refused = |reason| {
+                            if let Some(m) = &metrics {
+                                m.format_refused(reason);
+                            }
+                        };
+                        let ro = cap.read_only_mode;
+                        stage_mount(&dev, &staging, &fs_type, &options, ro, refused)
                     }
                 }
             })

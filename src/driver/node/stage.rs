@@ -9,6 +9,7 @@ use super::NodeConfig;
 use super::publish::refuse_if_still_published;
 use super::request::DiskRef;
 use crate::driver::error::{Error, Result};
+use crate::metrics;
 use crate::volumes::mount::{self, MountInfo, MountOptions};
 use crate::volumes::{Device, DeviceWait, Probe, VolumeError, device, fs, probe, resize};
 
@@ -34,13 +35,32 @@ fn interrupted_here(staging: &Path, dev: &Device) -> bool {
         .any(|link| fs::interrupted_format(staging, link))
 }
 
+/// Why a disk was refused formatting, as `csi_node_format_refusals_total` counts it;
+/// `None` for any other error.
+fn refusal(e: &VolumeError) -> Option<&'static str> {
+    match e {
+        VolumeError::NotBlank { .. } => Some(metrics::REFUSED_NOT_BLANK),
+        VolumeError::ForeignFilesystem { .. } => Some(metrics::REFUSED_FOREIGN_FILESYSTEM),
+        _ => None,
+    }
+}
+
+/// Stage a filesystem volume; `refused` is told the reason whenever the disk is refused
+/// formatting because it is not provably blank.
 pub(super) fn stage_mount(
     dev: &Device,
     staging: &Path,
     fs_type: &str,
     options: &MountOptions,
     read_only: bool,
+    refused: impl Fn(&'static str),
 ) -> Result<()> {
+    let refuse = |e: VolumeError| -> Error {
+        if let Some(reason) = refusal(&e) {
+            refused(reason);
+        }
+        e.into()
+    };
     // Read-only staging must not write to the disk at all: not by formatting it, not by
     // growing it. Either the access mode or an "ro" mount flag makes it read-only.
     let ro = read_only || options.flags.contains(MsFlags::MS_RDONLY);
@@ -101,7 +121,7 @@ pub(super) fn stage_mount(
             tracing::warn!(device = %dev.path.display(), "an earlier format of this device was interrupted; formatting it again");
             Probe::Blank
         }
-        other => other?,
+        other => other.map_err(refuse)?,
     };
     let fresh = match probed {
         Probe::Filesystem(found)
@@ -110,13 +130,12 @@ pub(super) fn stage_mount(
             // blkid names it but the kernel will never mount it. Redone only when it is
             // this node's own interrupted format; anything else is somebody's data.
             if ro || !interrupted_here(staging, dev) {
-                return Err(VolumeError::NotBlank {
+                return Err(refuse(VolumeError::NotBlank {
                     device: dev.path.clone(),
                     what: format!(
                         "its {fs_type} superblock says mkfs never finished, and this node did not start that mkfs; wipe the device (wipefs -a) if nothing on it is needed"
                     ),
-                }
-                .into());
+                }));
             }
             tracing::warn!(device = %dev.path.display(), fs_type, "an earlier format of this device was interrupted; formatting it again");
             device::still_same(dev)?;
@@ -135,26 +154,23 @@ pub(super) fn stage_mount(
             false
         }
         Probe::Filesystem(found) => {
-            return Err(VolumeError::ForeignFilesystem {
+            return Err(refuse(VolumeError::ForeignFilesystem {
                 device: dev.path.clone(),
                 found,
                 wanted: fs_type.to_string(),
-            }
-            .into());
+            }));
         }
         Probe::PartitionTable(pt) => {
-            return Err(VolumeError::NotBlank {
+            return Err(refuse(VolumeError::NotBlank {
                 device: dev.path.clone(),
                 what: format!("it holds a {pt} partition table"),
-            }
-            .into());
+            }));
         }
         Probe::Unknown(what) => {
-            return Err(VolumeError::NotBlank {
+            return Err(refuse(VolumeError::NotBlank {
                 device: dev.path.clone(),
                 what: format!("blkid found an unrecognised signature: {what}"),
-            }
-            .into());
+            }));
         }
         Probe::Blank if ro => {
             return Err(Error::FailedPrecondition(format!(
@@ -206,4 +222,30 @@ pub(super) fn unstage(staging: &Path) -> Result<()> {
         mount::remove_target(staging)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_not_blank_and_foreign_filesystem_are_refusals_to_format() {
+        let device = std::path::PathBuf::from("/dev/vdb");
+        let not_blank = VolumeError::NotBlank {
+            device: device.clone(),
+            what: "it holds a dos partition table".into(),
+        };
+        let foreign = VolumeError::ForeignFilesystem {
+            device: device.clone(),
+            found: "xfs".into(),
+            wanted: "ext4".into(),
+        };
+        let busy = VolumeError::Busy {
+            path: device,
+            reason: "in use".into(),
+        };
+        assert_eq!(refusal(&not_blank), Some(metrics::REFUSED_NOT_BLANK));
+        assert_eq!(refusal(&foreign), Some(metrics::REFUSED_FOREIGN_FILESYSTEM));
+        assert_eq!(refusal(&busy), None);
+    }
 }
