@@ -1608,3 +1608,95 @@ async fn the_journal_records_every_request_without_credentials() {
     assert_eq!(h.requests().len(), 1);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn faults_credentials_and_transitions_change_over_http_while_running() {
+    let (h, api) = sim(SimConfig::default()).await;
+    let vm = h.vms[0].id.clone();
+    let control = format!("http://{}/_sim/faults", h.addr());
+    let set = |body: Value| {
+        let (http, control) = (api.http.clone(), control.clone());
+        async move {
+            let r = http
+                .post(control)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap(),
+            )
+        }
+    };
+
+    // A bad key, as the cloud answers it, and back.
+    let (status, now) = set(json!({"refuse_credentials": true})).await;
+    assert_eq!(status, 200, "{now}");
+    assert_eq!(now["refuse_credentials"], true);
+    let err = api.call("vm/list", &[]).await.expect_err();
+    assert_eq!(err, lunanode_csi::sim::AUTH_ERROR);
+    assert!(matches!(
+        ApiError::from_cloud_message("vm/list", &err),
+        ApiError::Signature { .. }
+    ));
+    set(json!({"refuse_credentials": false})).await;
+    api.call("vm/list", &[]).await.expect_ok();
+
+    // Every request a 5xx of the chosen kinds; a field left out keeps its setting.
+    let (_, now) = set(json!({"fault_rate": 1.0, "fault_kinds": ["http500", "http503"]})).await;
+    assert_eq!(now["fault_kinds"], json!(["http500", "http503"]));
+    for _ in 0..6 {
+        let r = api.call("vm/list", &[]).await;
+        assert!([500, 503].contains(&r.status), "{r:?}");
+    }
+    let (_, now) = set(json!({"rate_limit_qps": 1})).await;
+    assert_eq!(now["fault_rate"], 1.0);
+    set(json!({"fault_rate": 0})).await;
+    // The rate limit: the second request within a second is throttled; 0 lifts it.
+    let statuses = [
+        api.call("vm/list", &[]).await.status,
+        api.call("vm/list", &[]).await.status,
+    ];
+    assert_eq!(statuses, [200, 429]);
+    let (_, now) = set(json!({"rate_limit_qps": 0})).await;
+    assert_eq!(now["rate_limit_qps"], Value::Null);
+    for _ in 0..3 {
+        api.call("vm/list", &[]).await.expect_ok();
+    }
+
+    // A transition that never completes (for changes started from now on): others stay
+    // instant.
+    set(json!({"transition_ms": ["attach=3600000"]})).await;
+    let id = api.create("toronto", "stuck", "1").await;
+    let info = |id: String| {
+        let api = &api;
+        async move {
+            let b = api
+                .call("volume/info", &[("volume_id", &id)])
+                .await
+                .expect_ok();
+            b["volume"]["status"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(info(id.clone()).await, "available");
+    api.attach(&id, &vm, "/dev/vda").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(info(id.clone()).await, "attaching");
+
+    // Nothing is changed by a request that is not understood.
+    for bad in [
+        json!({"fault_rate": 2}),
+        json!({"fault_kinds": ["http-418"]}),
+        json!({"rate_limit_qps": -1}),
+        json!({"transition_ms": ["attach=soon"]}),
+        json!({"refuse_credential": true}),
+    ] {
+        let (status, body) = set(bad.clone()).await;
+        assert_eq!(status, 400, "{bad} -> {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    api.call("vm/list", &[]).await.expect_ok();
+    h.shutdown().await;
+}

@@ -95,6 +95,11 @@ impl TokenBucket {
         }
     }
 
+    /// Tokens added a second.
+    pub fn qps(&self) -> f64 {
+        self.qps
+    }
+
     /// Take a token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();

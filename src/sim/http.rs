@@ -30,6 +30,7 @@ pub fn router(inner: Arc<Inner>) -> Router {
         .route("/api/{category}/{action}", post(api))
         .route("/_sim/state", get(state))
         .route("/_sim/requests", get(requests))
+        .route("/_sim/faults", post(set_faults))
         .with_state(inner)
 }
 
@@ -68,6 +69,89 @@ async fn requests(State(inner): State<Arc<Inner>>) -> Response {
     json_reply(
         StatusCode::OK,
         &serde_json::to_value(all).unwrap_or(Value::Null),
+    )
+}
+
+/// What `POST /_sim/faults` changes; a field left out keeps its setting. The same knobs as
+/// `sim`'s flags, for a simulator that is already running (an embedded one included, whose
+/// URL `serve --sim` logs): tests turn faults on and off while the driver runs.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSettings {
+    /// Probability (0 to 1) that a request fails with an injected fault.
+    fault_rate: Option<f64>,
+    /// The kinds drawn from (`http500`, `http503`, `timeout`, `http429`, `transient`,
+    /// `lost-reply`); empty: none.
+    fault_kinds: Option<Vec<FaultKind>>,
+    /// Server-side rate limit in requests per second; 0: none.
+    rate_limit_qps: Option<f64>,
+    /// `--transition-ms` items (`attach=3600000`, `100..200`, `steady`…), applied in order
+    /// on top of the current durations, for changes started from now on.
+    transition_ms: Option<Vec<String>>,
+    /// Refuse every request as a bad API key or signature is refused.
+    refuse_credentials: Option<bool>,
+}
+
+/// `POST /_sim/faults`: change faults, rate limit, transitions and credentials; answers the
+/// fault settings now in force.
+async fn set_faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let bad = |m: String| json_reply(StatusCode::BAD_REQUEST, &json!({ "error": m }));
+    let s: FaultSettings = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return bad(format!("invalid fault settings: {e}")),
+    };
+    if let Some(r) = s.fault_rate
+        && !(0.0..=1.0).contains(&r)
+    {
+        return bad(format!(
+            "fault_rate {r} is not a probability between 0 and 1"
+        ));
+    }
+    if let Some(q) = s.rate_limit_qps
+        && !(q.is_finite() && q >= 0.0)
+    {
+        return bad(format!("rate_limit_qps {q} is not 0 or a positive number"));
+    }
+    let items = match s
+        .transition_ms
+        .iter()
+        .flatten()
+        .map(|i| i.parse::<super::TransitionItem>())
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(items) => items,
+        Err(e) => return bad(format!("transition_ms: {e}")),
+    };
+    {
+        let mut f = lock(&inner.faults);
+        if let Some(r) = s.fault_rate {
+            f.rate = super::faults::clamp_rate(r);
+        }
+        if let Some(k) = s.fault_kinds {
+            f.kinds = k;
+        }
+    }
+    if let Some(q) = s.rate_limit_qps {
+        *lock(&inner.bucket) = (q > 0.0).then(|| super::TokenBucket::new(q, Instant::now()));
+    }
+    if !items.is_empty() {
+        let mut w = lock(&inner.world);
+        let t = &mut w.cloud.rules.transitions;
+        *t = super::Transitions::apply(*t, &items);
+    }
+    if let Some(r) = s.refuse_credentials {
+        inner.refuse_credentials.store(r, Relaxed);
+    }
+    let f = lock(&inner.faults);
+    json_reply(
+        StatusCode::OK,
+        &json!({
+            "fault_rate": f.rate,
+            "fault_kinds": f.kinds,
+            "rate_limit_qps": lock(&inner.bucket).as_ref().map(|b| b.qps()),
+            "refuse_credentials": inner.refuse_credentials.load(Relaxed),
+        }),
     )
 }
 
@@ -170,6 +254,12 @@ async fn handle(
     else {
         return failure(StatusCode::OK, AUTH_ERROR);
     };
+    if inner
+        .refuse_credentials
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return failure(StatusCode::OK, AUTH_ERROR);
+    }
     // The real cloud fails the signature check of a `req` with multi-byte characters even
     // when the HMAC over its bytes is right (escaped as `\uXXXX` they pass).
     if !req.is_ascii() {

@@ -305,6 +305,8 @@ pub(crate) struct Inner {
     pub(crate) max_in_flight: std::sync::atomic::AtomicUsize,
     /// Total time from requests' first bytes read to their replies written, in nanoseconds.
     pub(crate) served_nanos: std::sync::atomic::AtomicU64,
+    /// Answer every request as a bad API key or signature is answered.
+    pub(crate) refuse_credentials: std::sync::atomic::AtomicBool,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -485,6 +487,7 @@ impl SimHandle {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_in_flight: std::sync::atomic::AtomicUsize::new(0),
             served_nanos: std::sync::atomic::AtomicU64::new(0),
+            refuse_credentials: std::sync::atomic::AtomicBool::new(false),
             shutdown: stop_rx.clone(),
         });
         let app = http::router(inner.clone());
@@ -652,6 +655,14 @@ impl SimHandle {
     pub fn set_rate_limit_qps(&self, qps: Option<f64>) {
         let qps = qps.filter(|q| q.is_finite() && *q > 0.0);
         *lock(&self.inner.bucket) = qps.map(|q| TokenBucket::new(q, Instant::now()));
+    }
+
+    /// Refuse every request from now on as the cloud refuses a bad API key or signature
+    /// (`false`: accept correctly signed requests again). Also `POST /_sim/faults`.
+    pub fn set_refuse_credentials(&self, refuse: bool) {
+        self.inner
+            .refuse_credentials
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Change the latency added to every API request.

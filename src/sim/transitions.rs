@@ -160,7 +160,11 @@ impl Transitions {
 
     /// Apply `--transition-ms` items in order (later ones win).
     pub fn from_items(items: &[TransitionItem]) -> Self {
-        let mut t = Transitions::default();
+        Transitions::apply(Transitions::default(), items)
+    }
+
+    /// `t` with `items` applied in order (later ones win).
+    pub fn apply(mut t: Transitions, items: &[TransitionItem]) -> Self {
         for item in items {
             match *item {
                 TransitionItem::Shape(s) => t = s,
