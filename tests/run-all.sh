@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, unit and integration tests
 # (real loop devices, mounts and mkfs when run as root), and the deploy/ chart tests.
-# Installs what the tests need on Debian (xfsprogs for mkfs.xfs, Python venvs for Helm and for
-# a grpc-core client).
+# Installs what the tests need on Debian (xfsprogs for mkfs.xfs, prometheus for the alert
+# rules, Python venvs for Helm and for a grpc-core client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,21 @@ fi
 if [ "$(id -u)" -eq 0 ] && [ ! -e /dev/loop-control ]; then
   modprobe loop 2>/dev/null || true
 fi
+# Prometheus and promtool (Debian's package) for the alert rules' unit tests and the live
+# test of alerts and dashboard (tests/prometheus.rs). Without recommends (a node exporter);
+# the server the package may start as a service is stopped again: the test runs its own.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "==> installing prometheus"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  else
+    echo "warning: prometheus/promtool missing and not root; the alert rule tests will skip" >&2
+  fi
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -33,6 +48,13 @@ echo "==> Python grpcio for tests/grpc_clients.rs"
 # A real grpc-core client: the test fails, not skips, when it is missing here.
 LUNANODE_CSI_TEST_PYTHON="$(bash tests/grpc/venv.sh)"
 export LUNANODE_CSI_TEST_PYTHON
+if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
+  echo "==> promtool: check and unit-test the alert rules (deploy/monitoring/)"
+  promtool check rules deploy/monitoring/lunanode-csi.rules.yaml
+  promtool test rules deploy/monitoring/lunanode-csi.rules.test.yaml
+  # tests/prometheus.rs fails, not skips, when Prometheus is missing here.
+  export LUNANODE_CSI_REQUIRE_PROMETHEUS=1
+fi
 echo "==> cargo test"
 cargo test --all-targets
 cargo test --doc --quiet
