@@ -45,6 +45,8 @@ CRD_KINDS = {
     "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
 }
 
 BUILD_COMMAND = "cargo build --release --locked"
@@ -157,9 +159,20 @@ MULTI_VALUES = {
 }
 
 SCENARIOS = {"default": {}, "custom": CUSTOM_VALUES}
+# Everything of deploy/monitoring/ on: node plugin metrics and their PodMonitor, the
+# PrometheusRule, the dashboard ConfigMap.
+MONITORING_DIR = REPO / "deploy" / "monitoring"
+MONITORING_VALUES = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "node": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Storage"}},
+    },
+}
 # Scenarios every object of which is checked by schema and lint (more than one DaemonSet
 # in "multi", so tests of "the" node DaemonSet use SCENARIOS).
-ALL_SCENARIOS = {**SCENARIOS, "multi": MULTI_VALUES}
+ALL_SCENARIOS = {**SCENARIOS, "multi": MULTI_VALUES, "monitoring": MONITORING_VALUES}
 REGIONS = {"toronto", "montreal", "roubaix"}
 
 
@@ -418,6 +431,12 @@ def test_objects_are_unique_and_namespaced_in_release(any_rendered):
     {"controller": {"attachTarget": "vda"}},
     {"preflightTest": {"fsType": "btrfs"}},
     {"preflightTest": {"deviceWaitSeconds": 0}},
+    {"metrics": {"prometheusRule": {"enabled": "yes"}}},
+    {"metrics": {"prometheusRule": {"rules": []}}},
+    {"metrics": {"dashboard": {"labels": {"grafana_dashboard": 1}}}},
+    {"metrics": {"dashboard": {"folder": "Storage"}}},
+    {"metrics": {"node": {"port": 0}}},
+    {"metrics": {"node": {"enabled": 1}}},
 ], ids=lambda v: json.dumps(v)[:60])
 def test_schema_rejects_bad_values(bad):
     with pytest.raises(helm_python.HelmValuesError):
@@ -1128,6 +1147,149 @@ def test_metrics_service_and_service_monitor(custom):
 def test_metrics_without_service_monitor():
     r = render({"metrics": {"enabled": True}})
     assert len(r.of_kind("Service")) == 1 and r.of_kind("ServiceMonitor") == []
+
+
+# --------------------------------------------------------------------------- monitoring
+
+MONITORING_KINDS = ("PrometheusRule", "PodMonitor", "ConfigMap")
+# The jobs the chart's monitors name, which the rules and the dashboard select.
+JOBS = {"controller": "lunanode-csi-controller", "node": "lunanode-csi-node"}
+
+
+def relabeled_job(endpoint: dict) -> str:
+    (job,) = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
+    return job
+
+
+def test_monitoring_is_off_by_default(default):
+    for kind in MONITORING_KINDS:
+        assert default.of_kind(kind) == [], kind
+    args = container(default.node, "lunanode-csi")["args"]
+    assert not any(a.startswith("--metrics-addr") for a in args), args
+    assert "metrics" not in {p["name"] for p in container(default.node, "lunanode-csi")["ports"]}
+
+
+def test_plain_manifests_have_no_monitoring_objects():
+    docs = [d for d in yaml.safe_load_all(PLAIN_MANIFESTS.read_text()) if d]
+    assert {d["kind"] for d in docs}.isdisjoint(MONITORING_KINDS)
+    for ds in (d for d in docs if d["kind"] == "DaemonSet"):
+        assert not any("--metrics-addr" in a for a in container(ds, "lunanode-csi")["args"])
+
+
+def test_the_charts_monitoring_files_are_deploy_monitoring():
+    linked = CHART_DIR / "monitoring"
+    assert linked.is_symlink() and linked.resolve() == MONITORING_DIR.resolve()
+    assert (CHART_DIR / ".helmignore").read_text().count("monitoring/*.test.yaml") == 1
+
+
+def test_prometheus_rule_is_the_rules_file():
+    r = render(MONITORING_VALUES)
+    rule = r.one("PrometheusRule")
+    assert rule["apiVersion"] == CRD_KINDS["PrometheusRule"]
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    # One source: the rules Prometheus loads without the operator, unchanged.
+    assert rule["spec"] == yaml.safe_load((MONITORING_DIR / "lunanode-csi.rules.yaml").read_text())
+    alerts = [a for g in rule["spec"]["groups"] for a in g["rules"]]
+    assert len(alerts) >= 9
+    runbooks = (REPO / "docs" / "runbooks.md").read_text()
+    for a in alerts:
+        name = a["alert"]
+        assert a["labels"]["severity"] in {"warning", "critical"}, name
+        assert {"summary", "description", "runbook_url"} <= set(a["annotations"]), name
+        assert a["annotations"]["runbook_url"].endswith("docs/runbooks.md#" + name.lower()), name
+        assert re.search(rf"^## {name}$", runbooks, re.MULTILINE), f"no runbook section for {name}"
+
+
+def test_notes_name_the_monitoring_objects():
+    r = render(MONITORING_VALUES)
+    assert "prometheusrule/lunanode-csi;" in r.notes
+    assert "configmap/lunanode-csi-dashboard" in r.notes
+    assert "metrics.node.enabled" not in r.notes
+    r = render({"metrics": {"prometheusRule": {"enabled": True}}})
+    assert "--set metrics.node.enabled=true" in r.notes
+
+
+def test_prometheus_rule_needs_metrics():
+    with pytest.raises(helm_python.HelmRenderError, match="metrics.enabled"):
+        render({"metrics": {"enabled": False, "prometheusRule": {"enabled": True}}})
+
+
+def test_rules_select_the_jobs_the_monitors_name():
+    r = render(MONITORING_VALUES)
+    (sm_endpoint,) = r.one("ServiceMonitor")["spec"]["endpoints"]
+    (pm_endpoint,) = r.one("PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert relabeled_job(sm_endpoint) == JOBS["controller"]
+    assert relabeled_job(pm_endpoint) == JOBS["node"]
+    rules = yaml.safe_load((MONITORING_DIR / "lunanode-csi.rules.yaml").read_text())
+    exprs = [a["expr"] for g in rules["groups"] for a in g["rules"]]
+    dashboard = json.loads((MONITORING_DIR / "lunanode-csi-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    selectors = [m for e in exprs for m in re.findall(r'job(=~?)"([^"]+)"', e)]
+    assert selectors and all(s for s in selectors)
+    for op, value in selectors:
+        matched = {j for j in JOBS.values()
+                   if (j == value if op == "=" else re.fullmatch(value, j))}
+        assert matched, f"job{op}{value!r} selects neither of {JOBS}"
+    # Every expression selects the driver's jobs: nothing from another application.
+    for e in exprs:
+        for metric in re.findall(r"\b((?:csi|lunanode|process)_[a-z_]+|up)\{([^}]*)\}", e):
+            assert "job" in metric[1], f"{metric[0]} without a job selector in {e}"
+
+
+def test_dashboard_configmap():
+    r = render(MONITORING_VALUES)
+    cm = r.one("ConfigMap")
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Storage"}
+    (name,) = cm["data"]
+    assert name.endswith(".json")
+    shipped = (MONITORING_DIR / "lunanode-csi-dashboard.json").read_text()
+    assert json.loads(cm["data"][name]) == json.loads(shipped)
+    assert len(cm["data"][name].encode()) < 256 * 1024
+    dashboard = json.loads(shipped)
+    assert dashboard["uid"] == "lunanode-csi"
+    ds = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert [v["query"] for v in ds] == ["prometheus"]
+    titles = {p["title"] for p in dashboard["panels"]}
+    for want in ("RPC rate by method", "RPC errors by method", "RPC latency by method",
+                 "API calls by action and result", "Waits by kind against the cloud's time",
+                 "Operations in flight", "Attached volumes per node", "Memory", "CPU"):
+        assert want in titles, want
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+    # Another sidecar label, as some Grafana installs are set up (null drops the default).
+    r = render({"metrics": {"dashboard": {"enabled": True,
+                                          "labels": {"grafana_dashboard": None, "dashboards": "grafana"}}}})
+    assert r.one("ConfigMap")["metadata"]["labels"]["dashboards"] == "grafana"
+    assert "grafana_dashboard" not in r.one("ConfigMap")["metadata"]["labels"]
+
+
+def test_node_metrics_and_their_pod_monitor():
+    r = render(MONITORING_VALUES)
+    driver = container(r.node, "lunanode-csi")
+    assert flags(driver)["--metrics-addr"] == "0.0.0.0:9809"
+    assert {"name": "metrics", "containerPort": 9809, "protocol": "TCP"} in driver["ports"]
+    pm = r.one("PodMonitor")
+    assert pm["metadata"]["namespace"] == NAMESPACE
+    assert pm["metadata"]["labels"]["release"] == "prometheus"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    pod_labels = r.node["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    controller_labels = r.controller["spec"]["template"]["metadata"]["labels"]
+    assert not pm["spec"]["selector"]["matchLabels"].items() <= controller_labels.items()
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+            "targetLabel": "node"} in endpoint["relabelings"]
+    # Every region's DaemonSet serves them; without a ServiceMonitor there is no PodMonitor.
+    multi = render({**MULTI_VALUES, "metrics": {"node": {"enabled": True, "port": 19809}}})
+    assert len(multi.nodes) == 2
+    for ds in multi.nodes:
+        assert flags(container(ds, "lunanode-csi"))["--metrics-addr"] == "0.0.0.0:19809"
+    assert multi.of_kind("PodMonitor") == []
 
 
 # --------------------------------------------------------------------------- NOTES
