@@ -120,14 +120,8 @@ pub struct ControllerArgs {
     /// Region for volumes whose StorageClass and topology name none.
     #[arg(long, env = "LUNANODE_DEFAULT_REGION", default_value = "toronto")]
     pub default_region: String,
-    /// Regions the driver manages (comma-separated).
-    #[arg(
-        long,
-        env = "LUNANODE_REGIONS",
-        value_delimiter = ',',
-        default_value = "toronto,montreal,roubaix"
-    )]
-    pub regions: Vec<String>,
+    #[command(flatten)]
+    pub regions: RegionsArgs,
     /// Size of a volume requested without a capacity, in GB (2^30 bytes).
     #[arg(long, env = "LUNANODE_DEFAULT_VOLUME_SIZE_GB", default_value_t = 10)]
     pub default_volume_size_gb: u64,
@@ -168,6 +162,19 @@ pub struct ControllerArgs {
     pub attach: AttachArgs,
 }
 
+/// The regions the driver manages (the controller's setting; `preflight` takes it too).
+#[derive(Debug, Clone, Args)]
+pub struct RegionsArgs {
+    /// Regions the driver manages (comma-separated).
+    #[arg(
+        long,
+        env = "LUNANODE_REGIONS",
+        value_delimiter = ',',
+        default_value = "toronto,montreal,roubaix"
+    )]
+    pub regions: Vec<String>,
+}
+
 /// How volumes are attached (the controller's setting; `preflight` takes it too).
 #[derive(Debug, Clone, Args)]
 pub struct AttachArgs {
@@ -196,11 +203,12 @@ impl AttachArgs {
 
 impl ControllerArgs {
     fn config(&self) -> Result<ControllerConfig, CommandError> {
-        if !self.regions.contains(&self.default_region) {
+        let regions = &self.regions.regions;
+        if !regions.contains(&self.default_region) {
             return Err(CommandError::Config(format!(
                 "--default-region {} is not among --regions {}",
                 self.default_region,
-                self.regions.join(",")
+                regions.join(",")
             )));
         }
         if self.min_volume_size_gb == 0 || self.min_volume_size_gb > self.max_volume_size_gb {
@@ -238,7 +246,7 @@ impl ControllerArgs {
             },
             backoff: crate::driver::controller::wait::Backoff::default().scaled(scale),
             default_region: self.default_region.clone(),
-            regions: self.regions.clone(),
+            regions: regions.clone(),
             default_size_gb: self
                 .default_volume_size_gb
                 .clamp(self.min_volume_size_gb, self.max_volume_size_gb),
@@ -438,7 +446,7 @@ async fn serve(args: ServeArgs) -> Result<(), CommandError> {
     };
     let node_cfg = match node_on {
         true => Some(
-            node.config(&args.controller.regions, client.as_ref())
+            node.config(&args.controller.regions.regions, client.as_ref())
                 .await?,
         ),
         false => None,

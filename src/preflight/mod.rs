@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tonic::Request;
 
-use crate::cli::{AttachArgs, NodePlaceArgs};
+use crate::cli::{AttachArgs, NodePlaceArgs, RegionsArgs};
 use crate::command::{ApiArgs, CommandError};
 use crate::csi::controller_server::Controller;
 use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
@@ -50,14 +50,8 @@ pub struct PreflightArgs {
     pub attach: AttachArgs,
     #[command(flatten)]
     pub place: NodePlaceArgs,
-    /// Regions the driver manages (comma-separated).
-    #[arg(
-        long,
-        env = "LUNANODE_REGIONS",
-        value_delimiter = ',',
-        default_value = "toronto,montreal,roubaix"
-    )]
-    pub regions: Vec<String>,
+    #[command(flatten)]
+    pub regions: RegionsArgs,
     /// Filesystem to make on the test volume.
     #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs"])]
     pub fs_type: String,
@@ -222,7 +216,7 @@ impl Run {
     fn controller(&self, region: &str) -> crate::driver::ControllerService {
         let cfg = ControllerConfig {
             default_region: region.to_string(),
-            regions: self.args.regions.clone(),
+            regions: self.args.regions.regions.clone(),
             default_timeout: Duration::from_secs(self.args.step_timeout_secs),
             attach_target: self.target.clone(),
             ..ControllerConfig::default()
@@ -291,8 +285,8 @@ impl Run {
                         format!("the install says region {r} but the cloud has VM {} ({}) in {}", vm.vm_id, vm.name, vm.region),
                         format!("set the chart's region (--region, LUNANODE_REGION) to {}", vm.region),
                     )),
-                    Some(r) if !self.args.regions.iter().any(|k| k == r) => Err((
-                        format!("region {r} is not among the managed regions {}", self.args.regions.join(",")),
+                    Some(r) if !self.args.regions.regions.iter().any(|k| k == r) => Err((
+                        format!("region {r} is not among the managed regions {}", self.args.regions.regions.join(",")),
                         "add it to --regions (LUNANODE_REGIONS)".into(),
                     )),
                     Some(r) => Ok((r.to_string(), format!("{} ({}) in {r}", vm.vm_id, vm.name))),
@@ -608,7 +602,12 @@ impl Run {
         let mut failed = Vec::new();
         for v in vols.iter().filter(|v| v.name.starts_with(prefix)) {
             let region = if v.region.is_empty() {
-                self.args.regions.first().cloned().unwrap_or_default()
+                self.args
+                    .regions
+                    .regions
+                    .first()
+                    .cloned()
+                    .unwrap_or_default()
             } else {
                 v.region.clone()
             };

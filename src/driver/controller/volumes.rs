@@ -174,10 +174,12 @@ impl Inner {
         // the list has its own word for a settled volume (`active`, where `volume/info` says
         // `available` or `in-use`; `shared/lunanode-api.md`), so a wait on an attachment
         // asks `volume/info` once the list shows the volume settled.
+        // A load first: every poll of a settled volume passes here, and only the first
+        // needs the write.
+        let seen = &self.list_words_seen;
         if v.status == "active"
-            && !self
-                .list_words_seen
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            && !seen.load(std::sync::atomic::Ordering::Relaxed)
+            && !seen.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             tracing::info!(
                 volume_id = id,
